@@ -1,0 +1,150 @@
+"""The ``customdiff`` command: argparse over the dataclasses of ``config.py``, one small handler each.
+
+The only place that catches CustomDiffError: it prints one line and exits 2. Any other exception is a
+bug and keeps its traceback.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from customdiff import __version__, files, toyworld
+from customdiff.config import (
+    DemoConfig,
+    GenerateConfig,
+    JudgeConfig,
+    PretrainConfig,
+    ToyConceptConfig,
+    ToyConceptsConfig,
+    ToyRenderConfig,
+    add_arguments,
+    config_from_args,
+    save_config,
+)
+from customdiff.demo import NEXT_STEP, run_demo
+from customdiff.errors import CustomDiffError
+
+
+def toyworld_render(config: ToyRenderConfig) -> None:
+    files.prepare_output_dir(config.out)  # fail before the progress bar starts
+    scenes = toyworld.sample_scenes(config.n, config.seed, config.n_objects)
+    progress = tqdm(scenes, total=config.n, desc="render", unit="img", disable=None)
+    count = files.write_image_folder(config.out, progress)
+    save_config(config, config.out)
+    print(f"wrote {count} images and {files.METADATA_FILE_NAME} to {config.out}")
+
+
+def toyworld_concept(config: ToyConceptConfig) -> None:
+    concept = toyworld.get_concept(config.name)
+    views = toyworld.concept_scenes(concept, config.n, config.token, config.seed)
+    count = files.write_image_folder(config.out, views)
+    save_config(config, config.out)
+    print(f"wrote {count} images of {concept.name} ({config.token} {concept.shape}) to {config.out}")
+
+
+def toyworld_concepts(config: ToyConceptsConfig) -> None:
+    width = max(map(len, toyworld.CONCEPTS))
+    for concept in toyworld.CONCEPTS.values():
+        print(f"{concept.name:<{width}}  {concept.shape:<8}  {concept.description}")
+
+
+def judge(config: JudgeConfig) -> None:
+    images = [files.open_image(path) for path in config.images]  # a bad path fails before any work
+    from customdiff import toyjudge
+
+    signatures = {}
+    for token, value in config.concepts.items():
+        if value in toyworld.CONCEPTS:
+            signatures[token] = toyjudge.builtin_signature(value)
+        elif Path(value).is_dir():
+            signatures[token] = toyjudge.concept_signature(
+                [image for _, image, _ in files.read_image_folder(value)]
+            )
+        else:
+            raise CustomDiffError(
+                f'--concept {token}={value}: "{value}" is neither a folder nor a built-in concept; '
+                f"built-in concepts: {', '.join(toyworld.CONCEPTS)}"
+            )
+    for path, image in zip(config.images, images, strict=True):
+        reading = toyjudge.read_image(image)
+        print(f"{path}: {toyjudge.describe(reading)}")
+        if config.prompt is not None:
+            score = toyjudge.score(reading, config.prompt, signatures or None)
+            checks = "  ".join(f"{'✓' if right else '✗'} {check}" for check, right in score.checks.items())
+            print(f"  {checks}  → {score.fraction:.0%} right")
+
+
+def pretrain(config: PretrainConfig) -> None:
+    from customdiff.pretrain import pretrain as run_pretrain
+
+    files.prepare_output_dir(config.out)
+    model = run_pretrain(config)
+    print(
+        f"toy base model in {model}; previews in {config.out / 'previews'}; log in {config.out / 'log.jsonl'}"
+    )
+
+
+def generate(config: GenerateConfig) -> None:
+    from customdiff import generate as sampling
+    from customdiff import models
+
+    prompts = [config.prompt] if config.prompt is not None else sampling.read_prompts(config.prompts)
+    files.prepare_output_dir(config.out)
+    pipe = models.load_pipeline(config.model)
+    images = sampling.sample(
+        pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size
+    )
+    sampling.write_samples(config.out, prompts, images, config.n)
+    save_config(config, config.out)
+    print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {config.out}")
+
+
+def demo(config: DemoConfig) -> None:
+    for path, what in run_demo(config):
+        print(f"wrote {path}: {what}")
+    print(NEXT_STEP)
+
+
+def _add_command(commands, name: str, config_class: type, handler: Callable) -> None:
+    summary = config_class.__doc__.splitlines()[0]
+    parser = commands.add_parser(name, help=summary, description=summary)
+    add_arguments(parser, config_class)
+    parser.set_defaults(command=(config_class, handler))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="customdiff",
+        description="Custom Diffusion (Kumari et al., CVPR 2023): teach a diffusion model new concepts.",
+    )
+    parser.add_argument("--version", action="version", version=f"customdiff {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    toyworld_help = "Make toy-world images; list the built-in concepts."
+    toyworld_parser = commands.add_parser("toyworld", help=toyworld_help, description=toyworld_help)
+    toyworld_commands = toyworld_parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    _add_command(toyworld_commands, "render", ToyRenderConfig, toyworld_render)
+    _add_command(toyworld_commands, "concept", ToyConceptConfig, toyworld_concept)
+    _add_command(toyworld_commands, "concepts", ToyConceptsConfig, toyworld_concepts)
+    _add_command(commands, "judge", JudgeConfig, judge)
+    _add_command(commands, "pretrain", PretrainConfig, pretrain)
+    _add_command(commands, "generate", GenerateConfig, generate)
+    _add_command(commands, "demo", DemoConfig, demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0, 2 for a problem the user can fix, 130 on Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+        config_class, handler = args.command
+        handler(config_from_args(config_class, args))
+    except CustomDiffError as error:
+        print(f"customdiff: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,326 @@
+"""One frozen dataclass per command: its fields are the command's flags, with defaults and help.
+
+``cli.py`` derives the argparse flags from these fields (`add_arguments`) and builds a config back from
+the parsed flags and an optional ``--config FILE.toml`` (`config_from_args`); flags win over the file.
+Checks that span fields live in ``__post_init__`` and raise CustomDiffError. Every run writes its
+resolved config beside its outputs (`save_config`).
+
+To add a command: write its dataclass here (positional fields first), then a handler and one
+``_add_command`` line in ``cli.py``.
+"""
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from customdiff import files, toyworld
+from customdiff.errors import CustomDiffError
+
+CONFIG_FILE_NAME = "run_config.json"
+
+
+def option(default: Any, help: str, short: str | None = None, metavar: str | None = None) -> Any:
+    """A ``--flag`` field with its default, help text, and optional short form (e.g. "-o") and metavar."""
+    return field(default=default, metadata={"help": help, "short": short, "metavar": metavar})
+
+
+def positional(help: str, optional: bool = False) -> Any:
+    """A positional field (write these before the flags); an optional one defaults to None."""
+    if optional:
+        return field(default=None, metadata={"help": help, "positional": True})
+    return field(metadata={"help": help, "positional": True})
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class ToyRenderConfig:
+    """Render random captioned toy-world scenes into an image folder (PNGs + metadata.jsonl)."""
+
+    out: Path = positional("folder to write the images and metadata.jsonl into")
+    n: int = option(100, "number of images")
+    seed: int = option(0, "random seed: the same seed gives the same images")
+    objects: Literal["1", "2", "mixed"] = option("mixed", "objects per scene: 1, 2, or mixed (half each)")
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise CustomDiffError(f"--n {self.n}: pass at least 1 image")
+
+    @property
+    def n_objects(self) -> int | None:
+        """Objects per scene as ``toyworld.sample_scenes`` takes it (None: mixed)."""
+        return None if self.objects == "mixed" else int(self.objects)
+
+
+@dataclass(frozen=True)
+class ToyConceptConfig:
+    """Render a built-in concept's training images (4-8 views) into an image folder."""
+
+    name: str = positional("built-in concept (see `customdiff toyworld concepts`)")
+    out: Path = positional("folder to write the images and metadata.jsonl into")
+    n: int = option(6, "number of images, 4 to 8 as the spec's concepts have")
+    token: str = option("<new1>", "modifier token the captions use for the concept")
+    seed: int = option(0, "random seed: the same seed gives the same images")
+
+    def __post_init__(self) -> None:
+        toyworld.get_concept(self.name)
+        if not 4 <= self.n <= 8:
+            raise CustomDiffError(f"--n {self.n}: a concept has 4 to 8 images; pass --n between 4 and 8")
+        check_token(self.token, "--token")
+
+
+@dataclass(frozen=True)
+class ToyConceptsConfig:
+    """List the built-in concepts: name, shape and what they look like."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Read toy-world images back into words and, with --prompt, score them against a prompt."""
+
+    images: tuple[Path, ...] = positional("64×64 toy-world images to read")
+    prompt: str | None = option(None, "toy-world caption to score each image against")
+    concept: tuple[str, ...] = option(
+        (),
+        "for each token in --prompt: a built-in concept or a folder of its images",
+        metavar="TOKEN=NAME_OR_DIR",
+    )
+
+    def __post_init__(self) -> None:
+        concepts = self.concepts
+        if self.prompt is not None:
+            for thing in toyworld.parse_caption(self.prompt).things:
+                if thing.is_concept and thing.color not in concepts:
+                    raise CustomDiffError(
+                        f"--prompt names {thing.color}; pass --concept {thing.color}=NAME_OR_DIR"
+                    )
+
+    @property
+    def concepts(self) -> dict[str, str]:
+        """Modifier token → built-in concept name or folder, from the ``--concept`` entries."""
+        concepts: dict[str, str] = {}
+        for entry in self.concept:
+            token, equals, value = entry.partition("=")
+            if not equals or not value:
+                raise CustomDiffError(f'--concept "{entry}": write TOKEN=NAME_OR_DIR, e.g. <new1>=starfish')
+            check_token(token, f'--concept "{entry}"')
+            if token in concepts:
+                raise CustomDiffError(f"--concept: {token} is given twice; give each token once")
+            concepts[token] = value
+        return concepts
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Show the toy world: grids of random scenes and of every built-in concept, with their captions."""
+
+    out: Path = option(Path("demo_out"), "folder to write the demo into", short="-o")
+    seed: int = option(0, "random seed: the same seed gives the same images")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Train the toy base model from scratch: tokenizer, VAE, CLIP, then the UNet (resumable)."""
+
+    out: Path = option(
+        Path("runs/pretrain"), "run folder: checkpoints, previews, log and the model in OUT/model", short="-o"
+    )
+    seed: int = option(0, "random seed of weights and data")
+    stage: Literal["all", "vae", "clip", "unet"] = option(
+        "all", "stage to run; vae and clip may run in two processes at once, unet needs both done"
+    )
+    vae_steps: int = option(3000, "autoencoder training steps")
+    vae_batch_size: int = option(32, "autoencoder batch size")
+    vae_lr: float = option(1e-3, "autoencoder peak learning rate")
+    clip_steps: int = option(1500, "CLIP contrastive training steps")
+    clip_batch_size: int = option(256, "CLIP batch size (each image also meets a hard-negative caption)")
+    clip_lr: float = option(1e-3, "CLIP peak learning rate")
+    unet_steps: int = option(20000, "UNet training steps")
+    batch_size: int = option(64, "UNet batch size")
+    lr: float = option(5e-4, "UNet peak learning rate (warmup, then cosine decay)")
+    pool_size: int = option(60000, "renders encoded once into the UNet's latent training pool")
+    two_object_share: float = option(0.5, "share of two-object scenes in training data")
+    caption_dropout: float = option(0.1, "share of empty captions, for classifier-free guidance")
+    held_out: tuple[str, ...] = option(
+        (
+            "red star grass",
+            "blue ring sand",
+            "yellow cross black",
+            "green triangle sky",
+            "purple square white",
+            "orange circle gray",
+        ),
+        'colour-shape-background combinations never trained on, e.g. "red star grass"',
+    )
+    unseen_every: int = option(5, "captions whose CRC32 is divisible by this are never trained on")
+    checkpoint_every: int = option(250, "steps between checkpoints (resume after a kill)")
+    export_every: int = option(1000, "UNet steps between exports of OUT/model and a preview grid")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "autocast precision of training")
+    threads: int | None = option(None, "CPU threads (default: torch's choice)")
+    init_from: Path | None = option(
+        None,
+        "continue from a pretrained toy model: keep its tokenizer, VAE and CLIP, start the UNet from its",
+    )
+
+    def __post_init__(self) -> None:
+        for combination in self.held_out:
+            color, shape, background = (combination.split() + ["", "", ""])[:3]
+            if (
+                color not in toyworld.COLORS
+                or shape not in toyworld.SHAPES
+                or background not in toyworld.BACKGROUNDS
+            ):
+                raise CustomDiffError(
+                    f'--held-out "{combination}": write "COLOUR SHAPE BACKGROUND", e.g. "red star grass"'
+                )
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Generate images from prompts with a base model (default: the shipped toy model)."""
+
+    prompt: str | None = positional("the prompt (or give --prompts FILE)", optional=True)
+    out: Path = option(Path("samples"), "folder for the PNGs, grid.png and metadata.jsonl", short="-o")
+    prompts: Path | None = option(None, "text file with one prompt a line, all generated in one run")
+    n: int = option(4, "images per prompt")
+    steps: int = option(50, "sampling steps")
+    guidance: float = option(6.0, "classifier-free guidance scale")
+    seed: int = option(0, "seed of image 0; image i uses seed + i")
+    model: Path | None = option(None, "diffusers Stable Diffusion folder (default: the toy model)")
+    batch_size: int = option(16, "images denoised at once")
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.prompts is None):
+            raise CustomDiffError("give a PROMPT or --prompts FILE (one of them)")
+        if self.n < 1 or self.steps < 1:
+            raise CustomDiffError("--n and --steps take positive numbers")
+
+
+def check_token(token: str, where: str) -> None:
+    if not toyworld.MODIFIER_TOKEN.match(token):
+        raise CustomDiffError(f'{where}: "{token}" is not a modifier token; write it like <new1>')
+
+
+# ---------------------------------------------------------------------------------------------- argparse
+
+
+def _split_optional(annotation: Any) -> Any:
+    """``X | None`` → X; anything else unchanged (flags start at their default, so None needs no type)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+    return annotation
+
+
+def _argparse_kwargs(annotation: Any) -> dict[str, Any]:
+    """How argparse should read a field of this type."""
+    annotation = _split_optional(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        return {"choices": choices, "type": type(choices[0])}
+    if get_origin(annotation) in (tuple, list):
+        return {"nargs": "+", "type": get_args(annotation)[0]}
+    return {"type": annotation}
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one argument per field of ``config_class``, plus ``--config FILE.toml``.
+
+    Flags default to argparse.SUPPRESS so that only flags given on the command line reach the
+    namespace, and so win over the config file.
+    """
+    hints = get_type_hints(config_class)
+    for item in dataclasses.fields(config_class):
+        kwargs = _argparse_kwargs(hints[item.name])
+        help_text = item.metadata["help"]
+        if item.metadata.get("positional"):
+            if item.default is None:
+                kwargs.update(nargs="?", default=None)
+            parser.add_argument(item.name, help=help_text, metavar=item.name.upper(), **kwargs)
+            continue
+        if kwargs.get("nargs"):
+            kwargs["action"] = "extend"  # --concept a --concept b and --concept a b both work
+        if item.default not in (None, ()):
+            shown = " ".join(map(str, item.default)) if isinstance(item.default, tuple) else item.default
+            help_text += f" (default: {shown})"
+        names = [item.metadata.get("short"), f"--{item.name.replace('_', '-')}"]
+        kwargs.update(
+            dest=item.name, default=argparse.SUPPRESS, help=help_text, metavar=item.metadata.get("metavar")
+        )
+        parser.add_argument(*filter(None, names), **kwargs)
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        type=Path,
+        default=None,
+        metavar="FILE.toml",
+        help="read flags from a TOML file (keys are the flag names); flags given here win",
+    )
+
+
+def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    """Build ``config_class`` from its defaults, then the ``--config`` file, then the flags given."""
+    values = read_config_file(config_class, args.config_file) if args.config_file else {}
+    for item in dataclasses.fields(config_class):
+        if hasattr(args, item.name):
+            value = getattr(args, item.name)
+            values[item.name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**values)
+
+
+def read_config_file(config_class: type, path: Path) -> dict[str, Any]:
+    """Read a TOML file of flag values for ``config_class``, checking each key and its type."""
+    try:
+        with open(path, "rb") as handle:
+            table = tomllib.load(handle)
+    except OSError as error:
+        raise CustomDiffError(f"cannot read --config {path}: {error.strerror or error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise CustomDiffError(f"--config {path} is not valid TOML: {error}") from error
+    hints = get_type_hints(config_class)
+    by_name = {item.name: item for item in dataclasses.fields(config_class)}
+    flags = [name for name, item in by_name.items() if not item.metadata.get("positional")]
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in flags:
+            known = ", ".join(name.replace("_", "-") for name in flags) or "none"
+            what = "a positional argument: give it on the command line" if name in by_name else "unknown"
+            raise CustomDiffError(f'--config {path}: key "{key}" is {what}; keys allowed here: {known}')
+        values[name] = _value_from_toml(hints[name], value, f'--config {path}: key "{key}"')
+    return values
+
+
+def _value_from_toml(annotation: Any, value: Any, where: str) -> Any:
+    """Check a TOML value against a field's type; convert strings to Path and lists to tuples."""
+    annotation = _split_optional(annotation)
+    origin = get_origin(annotation)
+    if origin in (tuple, list) and isinstance(value, list):
+        return tuple(_value_from_toml(get_args(annotation)[0], item, where) for item in value)
+    if origin is Literal and value in get_args(annotation):
+        return value
+    if annotation is Path and isinstance(value, str):
+        return Path(value)
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (bool, int, str) and type(value) is annotation:
+        return value
+    if origin is Literal:
+        expected = "one of " + ", ".join(map(repr, get_args(annotation)))
+    else:
+        expected = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    raise CustomDiffError(f"{where} is {value!r}; expected {expected}")
+
+
+def save_config(config: Any, folder: Path) -> Path:
+    """Write the resolved config as JSON beside a run's outputs, atomically; returns the file."""
+    path = Path(folder) / CONFIG_FILE_NAME
+    files.atomic_write_text(path, json.dumps(dataclasses.asdict(config), indent=2, default=str) + "\n")
+    return path

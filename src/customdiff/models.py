@@ -1,0 +1,216 @@
+"""Base models: load and save a Stable Diffusion pipeline, and the toy base model's component configs.
+
+Every command takes a diffusers SD folder through ``load_pipeline``; the shipped toy model (default
+``--model``) is such a folder, built from the same classes as Stable Diffusion (CLIP tokenizer and text
+encoder, ``AutoencoderKL``, ``UNet2DConditionModel``), so that it loads exactly as a real checkpoint does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPConfig, CLIPTokenizer
+
+from customdiff import toyworld
+from customdiff.errors import CustomDiffError
+
+TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
+AUGMENTATION_WORDS = ("very", "small", "far", "away", "zoomed", "in", "close", "up", "photo", "of", "a")
+RARE_TOKENS = ("ktn", "sks", "zwx", "vlk", "pqd", "hta")  # never in a caption: modifier-token initializers
+MAX_TOKENS = 32  # the longest toy caption plus augmentation prefix fits with room to spare
+
+# SD 1.x noise schedule: the toy model trains on it so that samplers and fine-tuning behave as on SD.
+NOISE_SCHEDULE = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+)
+
+
+def toy_words() -> list[str]:
+    """Every word the toy tokenizer knows as one token: the grammar, augmentation words, rare tokens."""
+    grammar = ["a", "on", "and", "background", *toyworld.BACKGROUNDS, *toyworld.COLORS, *toyworld.SHAPES]
+    grammar += list(toyworld.SIZES)
+    return list(dict.fromkeys([*grammar, *AUGMENTATION_WORDS, *RARE_TOKENS, ","]))
+
+
+def build_toy_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary spells each toy word as a single token.
+
+    Trained with the ``tokenizers`` BPE trainer on the word list; like SD's, it ends words with ``</w>``,
+    pads with ``<|endoftext|>`` and takes ``add_tokens("<new1>")``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=special, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator(toy_words() * 10, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(merge.split()) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    tokenizer = CLIPTokenizer(
+        vocab=model["vocab"], merges=merges, pad_token="<|endoftext|>", model_max_length=MAX_TOKENS
+    )
+    for word in toy_words():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    return tokenizer
+
+
+def toy_clip_config(vocab_size: int) -> CLIPConfig:
+    """A tiny CLIP: its text tower is the diffusion model's text encoder, both towers the CLIP metrics."""
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(
+        image_size=toyworld.IMAGE_SIZE,
+        patch_size=8,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
+
+
+def toy_vae() -> AutoencoderKL:
+    """64×64×3 ↔ 16×16×4: a factor of 4 keeps 7-px shapes legible in the latent, as 8 does for SD at 512²."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=toyworld.IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+    )
+
+
+def toy_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """SD's UNet at toy scale: cross-attention at 16², 8² and the 4² middle; ``attn2.to_k``/``to_v`` ≈ 3%."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        norm_num_groups=16,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def training_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False, prediction_type="epsilon")
+
+
+def sampling_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def load_pipeline(
+    model: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
+    """Load a diffusers Stable Diffusion folder (default: the shipped toy model) for CPU or GPU use.
+
+    Raises:
+        CustomDiffError: the folder is missing, is not a diffusers pipeline, or holds a missing or
+            corrupt weights file.
+    """
+    path = Path(model) if model else TOY_MODEL_DIR
+    quiet_libraries()
+    if not (path / "model_index.json").is_file():
+        if path == TOY_MODEL_DIR:
+            raise CustomDiffError(
+                f"the toy base model is missing at {path}; reinstall customdiff or pass --model"
+            )
+        raise CustomDiffError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); "
+            "pass --model a Stable Diffusion folder"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CustomDiffError(
+            f"cannot load the pipeline in {path}: {first_line}; check or re-download its files"
+        ) from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' loading bars and notices off the user's terminal."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+
+
+def model_hash(pipe: StableDiffusionPipeline) -> str:
+    """A short fingerprint of the base weights a concept is trained on (UNet and text encoder)."""
+    digest = hashlib.sha256()
+    for module in (pipe.unet, pipe.text_encoder):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            digest.update(str(float(tensor.float().sum())).encode())
+    return digest.hexdigest()[:12]
+
+
+def check_prompt(tokenizer: CLIPTokenizer, prompt: str) -> None:
+    """Reject a prompt word the tokenizer cannot spell (an unknown piece, or a closed vocabulary lacking it).
+
+    A real CLIP tokenizer spells any word from bytes; the toy one knows only its own words, so a word it
+    splits into pieces would reach the model as noise.
+    """
+    vocabulary = tokenizer.get_vocab()
+    spells_bytes = all(symbol in vocabulary for symbol in "0123456789!?")  # CLIP's byte-level alphabet
+    added = set(tokenizer.get_added_vocab())
+    for word in prompt.replace(",", " , ").split():
+        pieces = tokenizer(word, add_special_tokens=False).input_ids
+        if tokenizer.unk_token_id in pieces or (not spells_bytes and len(pieces) != 1 and word not in added):
+            hint = f"words it knows: {', '.join(toy_words())}" if not spells_bytes else "check its spelling"
+            raise CustomDiffError(f'the tokenizer does not know the word "{word}" in "{prompt}"; {hint}')
+
+
+def clip_image_features(clip, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLIP's projected image embedding (N, D); transformers 5 wraps it in an output object."""
+    features = clip.get_image_features(pixel_values=pixel_values)
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def clip_text_features(clip, input_ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's projected text embedding (N, D)."""
+    features = clip.get_text_features(input_ids=input_ids)
+    return features if isinstance(features, torch.Tensor) else features.pooler_output

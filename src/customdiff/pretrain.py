@@ -1,0 +1,425 @@
+"""Trains the toy base model from scratch: tokenizer, VAE, CLIP, then the latent-diffusion UNet.
+
+The toy model plays Stable Diffusion's part (Rombach et al. 2022): a KL autoencoder, a CLIP text encoder
+trained contrastively (Radford et al. 2021) and frozen, and a UNet trained on the noise-prediction loss
+with caption dropout for classifier-free guidance. Each stage checkpoints and resumes; the finished
+pipeline is a diffusers ``StableDiffusionPipeline`` folder with the CLIP model beside it in ``clip/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from customdiff import models, toyworld
+from customdiff.config import PretrainConfig, save_config
+from customdiff.files import image_grid, save_png
+
+PREVIEW_PROMPTS = (
+    "a small red star on a grass background",
+    "a large blue circle on a white background",
+    "a small yellow cross on a black background",
+    "a large green triangle on a sky background",
+    "a red circle and a blue square on a gray background",
+    "a purple ring and a orange star on a sand background",
+    "a white cross and a black triangle on a gray background",
+    "a small orange ring on a sky background",
+)
+LOG_EVERY = 50
+SPLIT_FILE = "customdiff_split.json"  # beside a pretrained model: which captions training never saw
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def is_held_out(caption: toyworld.Caption, config: PretrainConfig) -> bool:
+    """Whether training never sees this caption: it names a held-out "colour shape background"
+    combination, or it is one of the unseen captions picked by a stable hash (the benchmark's prompts)."""
+    names = {f"{thing.color} {thing.shape} {caption.background}" for thing in caption.things}
+    return bool(names & set(config.held_out)) or zlib.crc32(str(caption).encode()) % config.unseen_every == 0
+
+
+def training_captions(rng: np.random.Generator, n: int, config: PretrainConfig) -> list[toyworld.Caption]:
+    """``n`` random captions of the grammar outside the held-out combinations."""
+    captions = []
+    while len(captions) < n:
+        n_objects = 2 if rng.random() < config.two_object_share else 1
+        caption = toyworld.sample_caption(rng, n_objects)
+        if not is_held_out(caption, config):
+            captions.append(caption)
+    return captions
+
+
+def render_batch(rng: np.random.Generator, n: int, config: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """A batch of fresh renders in [-1, 1], (n, 3, 64, 64), with their captions."""
+    captions = training_captions(rng, n, config)
+    images = np.stack([toyworld.render(caption, rng) for caption in captions])
+    return to_tensor(images), [str(caption) for caption in captions]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def hard_negative(caption: toyworld.Caption, rng: np.random.Generator) -> toyworld.Caption:
+    """A caption one binding away: colours swapped between two objects, or one attribute changed."""
+    things = list(caption.things)
+    if len(things) == 2 and things[0].color != things[1].color and rng.random() < 0.5:
+        first, second = things
+        things = [toyworld.Thing(first.shape, second.color), toyworld.Thing(second.shape, first.color)]
+        return toyworld.Caption(caption.background, tuple(things))
+    index = int(rng.integers(len(things)))
+    thing = things[index]
+    field = rng.choice(["shape", "color", "size"] if thing.size else ["shape", "color"])
+    if field == "shape":
+        thing = toyworld.Thing(
+            str(rng.choice([s for s in toyworld.SHAPES if s != thing.shape])), thing.color, thing.size
+        )
+    elif field == "size":
+        thing = toyworld.Thing(thing.shape, thing.color, "large" if thing.size == "small" else "small")
+    else:
+        background_rgb = toyworld.BACKGROUNDS[caption.background]
+        colors = [c for c, rgb in toyworld.COLORS.items() if c != thing.color and rgb != background_rgb]
+        thing = toyworld.Thing(thing.shape, str(rng.choice(colors)), thing.size)
+    things[index] = thing
+    return toyworld.Caption(caption.background, tuple(things))
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def train_stage(
+    name: str,
+    run_dir: Path,
+    model: torch.nn.Module,
+    steps: int,
+    lr: float,
+    loss_fn: Callable[[torch.nn.Module, np.random.Generator], torch.Tensor],
+    config: PretrainConfig,
+    ema: EMAModel | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> None:
+    """One resumable training loop: AdamW with warmup and cosine decay, checkpoints, a progress bar."""
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+    def schedule(step: int) -> float:
+        warmup = min(500, steps // 10)
+        return (
+            step / max(1, warmup)
+            if step < warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        )
+
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    checkpoint_dir = run_dir / "checkpoints" / name
+    step = 0
+    if (checkpoint_dir / "step.json").is_file():
+        accelerator.load_state(str(checkpoint_dir))
+        step = json.loads((checkpoint_dir / "step.json").read_text())["step"]
+    rng = np.random.default_rng([config.seed, step])  # a resumed run draws fresh, reproducible data
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc=name, dynamic_ncols=True)
+    started, running_loss = time.time(), 0.0
+    while step < steps:
+        with accelerator.autocast():
+            loss = loss_fn(model, rng)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(model.parameters())
+        step += 1
+        running_loss += loss.item()
+        bar.update(1)
+        if step % LOG_EVERY == 0:
+            bar.set_postfix(loss=f"{running_loss / LOG_EVERY:.4f}")
+            with open(run_dir / "log.jsonl", "a") as log:
+                log.write(
+                    json.dumps(
+                        {
+                            "stage": name,
+                            "step": step,
+                            "loss": running_loss / LOG_EVERY,
+                            "seconds": round(time.time() - started, 1),
+                        }
+                    )
+                    + "\n"
+                )
+            running_loss = 0.0
+        if step % config.checkpoint_every == 0 or step == steps:
+            save_checkpoint(accelerator, checkpoint_dir, step)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
+    bar.close()
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) -> None:
+    """Write the state to a fresh folder, then swap it in: a kill mid-save leaves the last one whole."""
+    partial = checkpoint_dir.with_name(checkpoint_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    accelerator.save_state(str(partial))
+    (partial / "step.json").write_text(json.dumps({"step": step}))
+    old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+    if checkpoint_dir.exists():
+        checkpoint_dir.rename(old)
+    partial.rename(checkpoint_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
+    """The autoencoder on fresh renders: L1 + MSE reconstruction and a small KL term (SD's recipe, no GAN)."""
+    final = run_dir / "stages" / "vae"
+    if final.is_dir():
+        return AutoencoderKL.from_pretrained(final)
+    torch.manual_seed(config.seed)
+    vae = models.toy_vae()
+
+    def loss_fn(model, rng):
+        images = render_batch(rng, config.vae_batch_size, config)[0].to(model.device)
+        posterior = model.encode(images).latent_dist
+        reconstruction = model.decode(posterior.sample()).sample.float()
+        kl = posterior.kl().mean() / images[0].numel()
+        return F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + 1e-6 * kl
+
+    train_stage("vae", run_dir, vae, config.vae_steps, config.vae_lr, loss_fn, config)
+    vae.eval()
+    with torch.no_grad():
+        images, _ = render_batch(np.random.default_rng(config.seed + 1), 256, config)
+        latents = vae.encode(images).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    vae.save_pretrained(final)
+    return vae
+
+
+def train_clip(run_dir: Path, config: PretrainConfig, tokenizer: CLIPTokenizer) -> CLIPModel:
+    """CLIP on toy captions and renders, each image also against a hard-negative caption (binding)."""
+    final = run_dir / "stages" / "clip"
+    if final.is_dir():
+        return CLIPModel.from_pretrained(final)
+    torch.manual_seed(config.seed)
+    clip = CLIPModel(models.toy_clip_config(len(tokenizer)))
+
+    def loss_fn(model, rng):
+        captions = training_captions(rng, config.clip_batch_size, config)
+        images = to_tensor(np.stack([toyworld.render(caption, rng) for caption in captions])).to(model.device)
+        texts = [str(c) for c in captions] + [str(hard_negative(c, rng)) for c in captions]
+        tokens = tokenizer(texts, padding=True, return_tensors="pt").input_ids.to(
+            model.device
+        )  # causal: pad freely
+        image_features = F.normalize(models.clip_image_features(model, images), dim=-1)
+        text_features = F.normalize(models.clip_text_features(model, tokens), dim=-1)
+        logits = (
+            model.logit_scale.exp() * image_features @ text_features.T
+        )  # (B, 2B): negatives as extra texts
+        labels = torch.arange(len(captions), device=model.device)
+        n = len(captions)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :n].T, labels)) / 2
+
+    train_stage("clip", run_dir, clip, config.clip_steps, config.clip_lr, loss_fn, config)
+    clip.save_pretrained(final)
+    return clip
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    """SD's text encoder is CLIP's text tower: the same transformer, without the projection."""
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    getattr(text_encoder, "text_model", text_encoder).load_state_dict(
+        clip.text_model.state_dict()
+    )  # flat in v5
+    return text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render and encode the UNet's training pool once: frozen work is never repeated per step.
+
+    Returns:
+        latents (N, 4, 16, 16) already scaled, and token ids (N, MAX_TOKENS).
+    """
+    path = run_dir / "stages" / "pool.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        pool = load_file(path)
+        return pool["latents"], pool["input_ids"]
+    rng = np.random.default_rng(config.seed + 2)
+    latents, input_ids = [], []
+    for _ in tqdm(range(0, config.pool_size, 256), desc="encode pool"):
+        images, captions = render_batch(rng, 256, config)
+        latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
+        input_ids.append(tokenizer(captions, padding="max_length", return_tensors="pt").input_ids)
+    pool = {"latents": torch.cat(latents).contiguous(), "input_ids": torch.cat(input_ids).contiguous()}
+    from safetensors.torch import save_file
+
+    save_file(pool, path)
+    return pool["latents"], pool["input_ids"]
+
+
+def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, tokenizer) -> None:
+    """The UNet on the noise-prediction loss, min-SNR weighted (Hang et al. 2023), with an EMA copy."""
+    text_encoder = text_encoder_from_clip(clip)
+    latents, input_ids = encode_pool(run_dir, config, vae, tokenizer)
+    empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids
+    scheduler = models.training_scheduler()
+    torch.manual_seed(config.seed)
+    unet = models.toy_unet(text_encoder.config.hidden_size)
+    if (run_dir / "stages" / "unet-init").is_dir():
+        unet = UNet2DConditionModel.from_pretrained(run_dir / "stages" / "unet-init", dtype=torch.float32)
+    ema = EMAModel(
+        unet.parameters(), decay=0.9995, use_ema_warmup=True, model_cls=type(unet), model_config=unet.config
+    )
+
+    def loss_fn(model, rng):
+        index = torch.from_numpy(rng.integers(0, len(latents), config.batch_size))
+        x0, ids = latents[index].to(model.device), input_ids[index].clone()
+        ids[torch.from_numpy(rng.random(config.batch_size) < config.caption_dropout)] = empty_ids
+        with torch.no_grad():
+            context = text_encoder.to(model.device)(ids.to(model.device)).last_hidden_state
+        noise = torch.randn_like(x0)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=model.device)
+        prediction = model(scheduler.add_noise(x0, noise, timesteps), timesteps, context).sample.float()
+        snr = compute_snr(scheduler, timesteps.cpu()).to(model.device)
+        weight = torch.clamp(snr, max=5.0) / snr
+        return (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+    def on_checkpoint(step: int) -> None:
+        if step % config.export_every == 0 or step == config.unet_steps:
+            pipe = assemble_pipeline(vae, text_encoder, tokenizer, ema_unet(ema, unet))
+            split = {"held_out": list(config.held_out), "unseen_every": config.unseen_every}
+            save_pipeline(pipe, clip, run_dir / "model", split)
+            preview(pipe, run_dir / "previews" / f"step-{step:06d}.png", config.seed)
+
+    train_stage("unet", run_dir, unet, config.unet_steps, config.lr, loss_fn, config, ema, on_checkpoint)
+
+
+def ema_unet(ema: EMAModel, unet):
+    """A copy of the UNet holding the EMA weights (the training copy is left untouched)."""
+    copy = type(unet).from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    ema.copy_to(copy.parameters())
+    return copy.eval()
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=models.sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, clip: CLIPModel, out: Path, split: dict) -> None:
+    """Save the pipeline (fp16 safetensors, small enough to ship) with CLIP in ``clip/``, swapped in whole."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(partial, safe_serialization=True)
+    pipe.to(torch.float32)
+    clip.to(torch.float16).save_pretrained(partial / "clip", safe_serialization=True)
+    clip.to(torch.float32)
+    (partial / SPLIT_FILE).write_text(json.dumps(split))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def unseen_captions(
+    split: dict, rng: np.random.Generator, n: int, n_objects: int, held_out_triple: bool
+) -> list[str]:
+    """``n`` distinct captions that training never saw, from the split saved beside a model.
+
+    ``held_out_triple`` picks captions naming a held-out colour-shape-background combination (does
+    composition generalise?); otherwise captions held out by hash alone (unseen, but of seen parts).
+    """
+    config = PretrainConfig(held_out=tuple(split["held_out"]), unseen_every=split["unseen_every"])
+    found: dict[str, None] = {}
+    for _ in range(200_000):
+        caption = toyworld.sample_caption(rng, n_objects)
+        names = {f"{thing.color} {thing.shape} {caption.background}" for thing in caption.things}
+        if is_held_out(caption, config) and bool(names & set(config.held_out)) == held_out_triple:
+            found[str(caption)] = None
+            if len(found) == n:
+                break
+    return list(found)
+
+
+@torch.no_grad()
+def preview(pipe: StableDiffusionPipeline, path: Path, seed: int) -> None:
+    """A grid of the fixed preview prompts, two samples each, saved as one PNG."""
+    generator = torch.Generator().manual_seed(seed)
+    images = pipe(
+        list(PREVIEW_PROMPTS) * 2,
+        num_inference_steps=25,
+        guidance_scale=6.0,
+        generator=generator,
+        output_type="np",
+    ).images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(
+        path, image_grid([(image * 255).round().astype(np.uint8) for image in images], len(PREVIEW_PROMPTS))
+    )
+
+
+def pretrain(config: PretrainConfig) -> Path:
+    """Run (or resume) every stage; returns the folder of the finished pipeline."""
+    run_dir = Path(config.out)
+    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir)
+    torch.set_num_threads(config.threads or torch.get_num_threads())
+    if config.init_from is not None:
+        warm_start(run_dir, Path(config.init_from))
+    tokenizer_dir = run_dir / "stages" / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        models.build_toy_tokenizer().save_pretrained(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    if config.stage in ("all", "vae", "unet"):
+        vae = train_vae(run_dir, config).eval().requires_grad_(False)
+    if config.stage in ("all", "clip", "unet"):
+        clip = train_clip(run_dir, config, tokenizer).eval().requires_grad_(False)
+    if config.stage in ("all", "unet"):
+        train_unet(run_dir, config, vae, clip, tokenizer)
+    return run_dir / "model"
+
+
+def warm_start(run_dir: Path, model_dir: Path) -> None:
+    """Take a pretrained toy model's tokenizer, VAE and CLIP as finished stages; its UNet seeds the UNet's."""
+    stages = run_dir / "stages"
+    for part, load in (("vae", AutoencoderKL.from_pretrained), ("clip", CLIPModel.from_pretrained)):
+        if not (stages / part).is_dir():
+            load(model_dir / part, dtype=torch.float32).save_pretrained(stages / part)
+    if not (stages / "tokenizer").is_dir():
+        CLIPTokenizer.from_pretrained(model_dir / "tokenizer").save_pretrained(stages / "tokenizer")
+    if not (stages / "unet-init").is_dir():
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=torch.float32)
+        unet.save_pretrained(stages / "unet-init")

@@ -1,0 +1,83 @@
+"""Shared fixtures: the CLI run in-process, and a small captioned image folder."""
+
+import pytest
+import torch
+
+from customdiff import files, toyworld
+from customdiff.cli import main
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``customdiff ARGS…`` in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*argv) -> tuple[int, str, str]:
+        code = main([str(arg) for arg in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
+def scene_folder(tmp_path):
+    """An image folder of 8 toy-world scenes with metadata.jsonl."""
+    folder = tmp_path / "scenes"
+    files.write_image_folder(folder, toyworld.sample_scenes(8, seed=1))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """An SD-shaped pipeline with random weights and a few channels, saved as a diffusers folder."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from customdiff import models
+
+    torch.manual_seed(0)
+    tokenizer = models.build_toy_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=models.MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=models.sampling_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,237 @@
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from customdiff import __version__, cli, config, demo, files
+from customdiff.errors import CustomDiffError
+
+
+def read_metadata(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def assert_one_line_error(code: int, err: str, *parts: str) -> None:
+    assert code == 2
+    assert err.startswith("customdiff: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+    for part in parts:
+        assert part in err
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def test_render_writes_an_image_folder_and_its_config(run_cli, tmp_path):
+    code, out, _ = run_cli("toyworld", "render", "--n", 12, "--objects", "1", "--seed", 3, tmp_path / "out")
+    assert code == 0 and "wrote 12 images" in out
+    entries = read_metadata(tmp_path / "out")
+    assert [entry["file_name"] for entry in entries] == [f"{index:05d}.png" for index in range(12)]
+    assert all(" and " not in entry["text"] for entry in entries)
+    saved = json.loads((tmp_path / "out" / config.CONFIG_FILE_NAME).read_text())
+    assert saved == {"out": str(tmp_path / "out"), "n": 12, "seed": 3, "objects": "1"}
+
+
+def test_concept_writes_its_views(run_cli, tmp_path):
+    code, out, _ = run_cli("toyworld", "concept", "donut", tmp_path, "--n", 4, "--token", "<pet>")
+    assert code == 0 and "donut" in out
+    assert [entry["text"].split()[:3] for entry in read_metadata(tmp_path)] == [["a", "<pet>", "ring"]] * 4
+
+
+def test_concepts_lists_name_shape_description(run_cli):
+    code, out, _ = run_cli("toyworld", "concepts")
+    assert code == 0
+    assert out.splitlines()[0].split(maxsplit=2) == ["starfish", "star", "pink star with a teal core"]
+    assert len(out.splitlines()) == 5
+
+
+def test_judge_reads_and_scores(run_cli, tmp_path):
+    pytest.importorskip("customdiff.toyjudge")
+    run_cli("toyworld", "concept", "starfish", tmp_path / "starfish")
+    image = tmp_path / "starfish" / "00000.png"
+    caption = read_metadata(tmp_path / "starfish")[0]["text"]
+
+    code, out, _ = run_cli(
+        "judge", image, "--prompt", caption, "--concept", f"<new1>={tmp_path / 'starfish'}"
+    )
+    assert code == 0
+    assert out.startswith(f"{image}: ") and "✗" not in out and "100% right" in out
+    code, out, _ = run_cli("judge", image, "--prompt", caption, "--concept", "<new1>=starfish")
+    assert code == 0 and "100% right" in out
+
+
+def test_demo_writes_grids_and_folders(run_cli, tmp_path):
+    code, out, _ = run_cli("demo", "-o", tmp_path)
+    assert code == 0 and demo.NEXT_STEP in out
+    for name in (
+        "scenes.png",
+        "concepts.png",
+        "base_model.png",
+        config.CONFIG_FILE_NAME,
+        "scenes/metadata.jsonl",
+    ):
+        assert (tmp_path / name).is_file()
+    assert len(files.read_image_folder(tmp_path / "concepts" / "kite")) == 6
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--version"])
+    assert caught.value.code == 0 and capsys.readouterr().out.strip() == f"customdiff {__version__}"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_prompt_word_is_named(run_cli, tmp_path):
+    code, _, err = run_cli("judge", tmp_path / "x.png", "--prompt", "a small red dog on a gray background")
+    assert_one_line_error(code, err, '"dog"', "circle, square, triangle, star, ring, cross")
+
+
+def test_unknown_concept_is_named(run_cli, tmp_path):
+    code, _, err = run_cli("toyworld", "concept", "seastar", tmp_path)
+    assert_one_line_error(code, err, '"seastar"', "starfish, donut, tile, beachball, kite")
+
+
+def test_unknown_judge_concept_is_named(run_cli, scene_folder):
+    pytest.importorskip("customdiff.toyjudge")
+    prompt = "a <new1> star on a gray background"
+    code, _, err = run_cli(
+        "judge", scene_folder / "00000.png", "--prompt", prompt, "--concept", "<new1>=seastar"
+    )
+    assert_one_line_error(code, err, '"seastar"', "starfish, donut, tile, beachball, kite")
+
+
+@pytest.mark.parametrize(
+    ("argv", "parts"),
+    [
+        (["toyworld", "concept", "starfish", "OUT", "--n", "3"], ["--n 3", "between 4 and 8"]),
+        (["toyworld", "concept", "starfish", "OUT", "--token", "new1"], ['"new1"', "<new1>"]),
+        (["toyworld", "render", "OUT", "--n", "0"], ["--n 0"]),
+        (["judge", "x.png", "--prompt", "a <new1> star on a gray background"], ["--concept <new1>="]),
+        (["judge", "x.png", "--concept", "starfish"], ['"starfish"', "TOKEN=NAME_OR_DIR"]),
+        (["judge", "missing.png"], ["missing.png does not exist"]),
+    ],
+)
+def test_bad_flags_give_one_line(run_cli, tmp_path, monkeypatch, argv, parts):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(*argv)
+    assert_one_line_error(code, err, *parts)
+
+
+def test_unwritable_out_gives_one_line(run_cli, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli("toyworld", "render", "--n", 2, tmp_path / "file" / "out")
+    assert_one_line_error(code, err, f"cannot write to {tmp_path / 'file' / 'out'}", "-o/OUT")
+
+
+def test_usage_errors_keep_argparse_behaviour(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["toyworld", "render", "--objects", "3", "out"])
+    assert caught.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_quietly(run_cli, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "toyworld_concepts", interrupted)
+    assert run_cli("toyworld", "concepts") == (130, "", "")
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    def broken(config):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "toyworld_concepts", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["toyworld", "concepts"])
+
+
+# ---------------------------------------------------------------------------------------------- --config
+
+
+def test_config_file_sets_fields_and_flags_win(run_cli, tmp_path):
+    settings = tmp_path / "render.toml"
+    settings.write_text('n = 3\nseed = 7\nobjects = "2"\n')
+    code, _, _ = run_cli("toyworld", "render", tmp_path / "out", "--config", settings, "--seed", 9)
+    assert code == 0
+    saved = json.loads((tmp_path / "out" / config.CONFIG_FILE_NAME).read_text())
+    assert (saved["n"], saved["seed"], saved["objects"]) == (3, 9, "2")
+
+
+@pytest.mark.parametrize(
+    ("toml", "parts"),
+    [
+        ("steps = 3\n", ['key "steps" is unknown', "n, seed, objects"]),
+        ('out = "elsewhere"\n', ['key "out" is a positional argument']),
+        ('n = "3"\n', ["key \"n\" is '3'; expected int"]),
+        ("objects = 2\n", ["expected one of '1', '2', 'mixed'"]),
+        ("n = \n", ["not valid TOML"]),
+    ],
+)
+def test_bad_config_file_is_named(run_cli, tmp_path, toml, parts):
+    settings = tmp_path / "render.toml"
+    settings.write_text(toml)
+    code, _, err = run_cli("toyworld", "render", tmp_path / "out", "--config", settings)
+    assert_one_line_error(code, err, str(settings), *parts)
+
+
+@dataclass(frozen=True)
+class EveryKindConfig:
+    """A config with one field of each kind a command may use."""
+
+    folder: Path = config.positional("input")
+    rate: float = config.option(0.5, "a float")
+    steps: int | None = config.option(None, "an optional int")
+    fast: bool = config.option(False, "a switch")
+    mode: Literal["a", "b"] = config.option("a", "a choice")
+    words: tuple[str, ...] = config.option((), "several strings")
+    out: Path = config.option(Path("out"), "a path", short="-o")
+
+
+def parse(argv: list[str]) -> EveryKindConfig:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, EveryKindConfig)
+    return config.config_from_args(EveryKindConfig, parser.parse_args(argv))
+
+
+def test_every_field_kind_becomes_a_flag(tmp_path):
+    assert parse(["in"]) == EveryKindConfig(folder=Path("in"))
+    argv = ["in", "--rate", "2", "--steps", "5", "--fast", "--mode", "b", "--words", "x", "y", "--words", "z"]
+    parsed = parse([*argv, "-o", "there"])
+    assert parsed == EveryKindConfig(Path("in"), 2.0, 5, True, "b", ("x", "y", "z"), Path("there"))
+
+    settings = tmp_path / "every.toml"
+    settings.write_text('rate = 1\nsteps = 4\nfast = true\nmode = "b"\nwords = ["p"]\nout = "o"\n')
+    from_file = parse(["in", "--config", str(settings), "--no-fast"])
+    assert from_file == EveryKindConfig(Path("in"), 1.0, 4, False, "b", ("p",), Path("o"))
+
+
+def test_config_checks_run_on_construction():
+    with pytest.raises(CustomDiffError, match="between 4 and 8"):
+        config.ToyConceptConfig(name="starfish", out=Path("x"), n=9)
+
+
+# ------------------------------------------------------------------------------------------ installed script
+
+
+def test_console_script(tmp_path):
+    script = Path(sys.executable).with_name("customdiff")
+    listed = subprocess.run([script, "toyworld", "concepts"], capture_output=True, text=True, check=True)
+    assert "starfish" in listed.stdout
+
+    rendered = subprocess.run(
+        [script, "toyworld", "render", "--n", "20", tmp_path / "out"], capture_output=True, text=True
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    entries = read_metadata(tmp_path / "out")
+    assert len(entries) == 20 and all(entry["text"].endswith(" background") for entry in entries)
+    assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == [
+        entry["file_name"] for entry in entries
+    ]

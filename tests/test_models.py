@@ -1,0 +1,72 @@
+"""Loading base pipelines: any diffusers SD folder takes the toy model's path; bad ones fail in one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from customdiff import generate, models
+from customdiff.errors import CustomDiffError
+
+
+def test_toy_tokenizer_spells_every_word_as_one_token_and_takes_new_tokens():
+    tokenizer = models.build_toy_tokenizer()
+    for word in models.toy_words():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    assert tokenizer.add_tokens("<new1>") == 1
+    ids = tokenizer("a <new1> star on a gray background").input_ids
+    assert tokenizer.convert_tokens_to_ids("<new1>") in ids
+    captions = " ".join(text for _, text in __import__("customdiff.toyworld").toyworld.sample_scenes(200))
+    assert not set(models.RARE_TOKENS) & set(captions.split())  # free to initialise modifier tokens
+
+
+def test_toy_unet_keeps_about_three_percent_in_cross_attention_kv():
+    unet = models.toy_unet(cross_attention_dim=128)
+    total = sum(p.numel() for p in unet.parameters())
+    kv = sum(p.numel() for name, p in unet.named_parameters() if "attn2.to_k" in name or "attn2.to_v" in name)
+    assert 0.02 < kv / total < 0.04
+
+
+def test_check_prompt_names_an_unknown_word():
+    tokenizer = models.build_toy_tokenizer()
+    models.check_prompt(tokenizer, "a small red star on a grass background")
+    with pytest.raises(CustomDiffError, match='"pink"'):
+        models.check_prompt(tokenizer, "a pink star on a grass background")
+
+
+def test_load_pipeline_runs_a_tiny_sd_folder(tiny_pipeline_dir, tmp_path):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    images = generate.sample(pipe, ["a red star on a gray background"], n=2, steps=2, progress=False)
+    assert len(images) == 2 and images[0].dtype == np.uint8 and images[0].shape[2] == 3
+    again = generate.sample(pipe, ["a red star on a gray background"], n=1, steps=2, progress=False)
+    np.testing.assert_array_equal(images[0], again[0])  # image i depends on seed + i only
+    generate.write_samples(tmp_path / "out", ["a red star on a gray background"], images, n=2)
+    lines = (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in lines] == ["a red star on a gray background"] * 2
+    assert (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_load_pipeline_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
+    with pytest.raises(CustomDiffError, match="not a diffusers pipeline"):
+        models.load_pipeline(tmp_path)
+
+
+def test_load_pipeline_names_a_corrupt_weights_file(tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(CustomDiffError, match="cannot load"):
+        models.load_pipeline(broken)
+
+
+def test_model_hash_tells_models_apart(tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    before = models.model_hash(pipe)
+    assert before == models.model_hash(models.load_pipeline(tiny_pipeline_dir))
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(1e-3)
+    assert models.model_hash(pipe) != before
