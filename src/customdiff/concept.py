@@ -1,0 +1,206 @@
+"""The concept file: what fine-tuning changed, as deltas on a named base model (Kumari et al. 2023, §3.1).
+
+``concept.safetensors`` holds, for each UNet tensor the mode trained, its change from the base (for the
+paper's ``crossattn_kv`` mode the cross-attention ``W_k``/``W_v`` deltas, ~3% of the UNet, which §3.2 merges
+and §4 compresses), the modifier tokens' embedding rows, and as string metadata the base model's hash,
+the mode, tokens, class words, initializers and the run's config. Beside it go two files diffusers loads
+itself: ``pytorch_custom_diffusion_weights.safetensors`` (``CustomDiffusionAttnProcessor`` layout) and one
+``<token>.safetensors`` per token (``load_textual_inversion`` layout).
+
+``apply_concept`` adds a concept to any diffusers Stable Diffusion pipeline in place (tokens, rows,
+deltas); ``remove_concept`` takes it off again exactly (the replaced weights restored, the tokens gone).
+Apply one concept file at a time: after it, the pipeline is no longer the base that another concept's
+hash names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from customdiff import files, models
+from customdiff.errors import CustomDiffError
+
+CONCEPT_FILE = "concept.safetensors"
+DIFFUSERS_ATTN_FILE = (
+    "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
+)
+FORMAT = "customdiff-concept-1"
+TOKEN_EMBEDDINGS = "token_embeddings"
+# diffusers' CustomDiffusionAttnProcessor names for each trained attn2 projection
+DIFFUSERS_NAMES = {
+    "to_k.weight": "to_k_custom_diffusion.weight",
+    "to_v.weight": "to_v_custom_diffusion.weight",
+    "to_q.weight": "to_q_custom_diffusion.weight",
+    "to_out.0.weight": "to_out_custom_diffusion.0.weight",
+    "to_out.0.bias": "to_out_custom_diffusion.0.bias",
+}
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A fine-tuned concept relative to its base model.
+
+    token_embeddings: (tokens, dim), one row per modifier token. deltas: "unet.<parameter>" → fine-tuned
+    minus base value, for each UNet tensor the mode trained.
+    """
+
+    base_hash: str
+    mode: str
+    tokens: tuple[str, ...]
+    class_words: tuple[str, ...]
+    initializers: tuple[str, ...]
+    token_embeddings: torch.Tensor
+    deltas: dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)
+
+
+def save_concept(out_dir: Path, concept: Concept, unet=None) -> Path:
+    """Write ``concept.safetensors`` and, given the fine-tuned ``unet``, the diffusers files beside it.
+
+    The diffusers attention file is written for the modes diffusers' processor can express
+    (``crossattn_kv``, ``crossattn``); the token files always. Every file is written atomically.
+
+    Returns:
+        the path of ``concept.safetensors``.
+    """
+    out_dir = files.prepare_output_dir(out_dir)
+    tensors = {TOKEN_EMBEDDINGS: concept.token_embeddings, **concept.deltas}
+    metadata = {
+        "format": FORMAT,
+        "base_model_hash": concept.base_hash,
+        "mode": concept.mode,
+        "tokens": json.dumps(concept.tokens),
+        "class_words": json.dumps(concept.class_words),
+        "initializers": json.dumps(concept.initializers),
+        "config": json.dumps(concept.config),
+    }
+    _save(out_dir / CONCEPT_FILE, tensors, metadata)
+    for token, row in zip(concept.tokens, concept.token_embeddings, strict=True):
+        _save(out_dir / f"{token}.safetensors", {token: row}, {"format": "pt"})
+    if unet is not None and concept.mode in ("crossattn_kv", "crossattn"):
+        _save(out_dir / DIFFUSERS_ATTN_FILE, diffusers_attn_state(unet, concept.mode), {"format": "pt"})
+    return out_dir / CONCEPT_FILE
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    with files.atomic_path(path) as temporary:
+        save_file(
+            {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
+            temporary,
+            metadata,
+        )
+
+
+def diffusers_attn_state(unet, mode: str) -> dict[str, torch.Tensor]:
+    """The fine-tuned ``unet``'s attention weights in ``CustomDiffusionAttnProcessor``'s key layout.
+
+    Keys are ``{layer}.processor.to_k_custom_diffusion.weight`` etc., with the whole fine-tuned weights
+    (diffusers' processor replaces the layer's projections, it does not add to them). Every other
+    attention layer gets an empty tensor: diffusers' loader makes an empty processor for those, so that
+    its processor count matches the UNet's (its own safetensors save drops them and then fails to load).
+    """
+    trained = ("to_k.weight", "to_v.weight") if mode == "crossattn_kv" else tuple(DIFFUSERS_NAMES)
+    state = {}
+    for processor_name in unet.attn_processors:
+        if not processor_name.endswith("attn2.processor"):
+            state[processor_name] = torch.zeros(0)
+            continue
+        layer = unet.get_submodule(processor_name.removesuffix(".processor"))
+        for name in trained:
+            state[f"{processor_name}.{DIFFUSERS_NAMES[name]}"] = layer.get_parameter(name).detach().float()
+    return state
+
+
+def load_concept(path: Path) -> Concept:
+    """Read a concept file (or the ``concept.safetensors`` in a folder).
+
+    Raises:
+        CustomDiffError: the file is missing, unreadable, or not a customdiff concept.
+    """
+    path = Path(path)
+    path = path / CONCEPT_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise CustomDiffError(
+            f"concept file {path} does not exist; pass the concept.safetensors a finetune wrote"
+        )
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CustomDiffError(
+            f"cannot read {path} as safetensors ({error}); pass a concept.safetensors"
+        ) from error
+    if metadata.get("format") != FORMAT:
+        raise CustomDiffError(
+            f"{path} is not a customdiff concept file; pass the concept.safetensors a finetune wrote"
+        )
+    return Concept(
+        base_hash=metadata["base_model_hash"],
+        mode=metadata["mode"],
+        tokens=tuple(json.loads(metadata["tokens"])),
+        class_words=tuple(json.loads(metadata["class_words"])),
+        initializers=tuple(json.loads(metadata["initializers"])),
+        token_embeddings=tensors.pop(TOKEN_EMBEDDINGS),
+        deltas=tensors,
+        config=json.loads(metadata["config"]),
+    )
+
+
+@dataclass(frozen=True)
+class AppliedConcept:
+    """A concept as ``apply_concept`` put it on a pipeline, with the UNet weights it replaced."""
+
+    concept: Concept
+    originals: dict[str, torch.Tensor]
+
+
+def apply_concept(pipe, concept: Concept | Path | str) -> AppliedConcept:
+    """Add a concept to a diffusers Stable Diffusion pipeline, in place.
+
+    The modifier tokens go into the tokenizer and their rows into the text encoder (through diffusers'
+    ``load_textual_inversion``, as its own file would), and each delta is added to its UNet weight. The
+    replaced weights are kept (for ``crossattn_kv`` ~3% of the UNet) so that ``remove_concept`` is exact.
+
+    Args:
+        concept: a Concept, a concept file, or a folder holding ``concept.safetensors``.
+    Raises:
+        CustomDiffError: the pipeline is not the base the concept was trained on, or already has one of
+            its tokens.
+    """
+    concept = concept if isinstance(concept, Concept) else load_concept(concept)
+    taken = [token for token in concept.tokens if token in pipe.tokenizer.get_vocab()]
+    if taken:
+        raise CustomDiffError(f"the pipeline already has the token {taken[0]}; apply each concept once")
+    actual = models.model_hash(pipe)
+    if actual != concept.base_hash:
+        raise CustomDiffError(
+            f"{CONCEPT_FILE} was trained on base {concept.base_hash}, not on this model ({actual}); "
+            "pass --model the base model it was trained on"
+        )
+    embeddings = concept.token_embeddings.to(pipe.text_encoder.device, pipe.text_encoder.dtype)
+    pipe.load_textual_inversion(embeddings, token=list(concept.tokens))
+    originals = {}
+    with torch.no_grad():
+        for name, delta in concept.deltas.items():
+            parameter = pipe.unet.get_parameter(name.removeprefix("unet."))
+            originals[name] = parameter.detach().clone()
+            parameter.copy_((parameter.float() + delta.to(parameter.device)).to(parameter.dtype))
+    return AppliedConcept(concept, originals)
+
+
+def remove_concept(pipe, applied: AppliedConcept) -> None:
+    """Take a concept off a pipeline exactly: the UNet weights it replaced come back, its tokens go.
+
+    The tokens and their rows are removed with diffusers' ``unload_textual_inversion``.
+    """
+    with torch.no_grad():
+        for name, original in applied.originals.items():
+            pipe.unet.get_parameter(name.removeprefix("unet.")).copy_(original)
+    pipe.unload_textual_inversion(list(applied.concept.tokens))

@@ -1,0 +1,477 @@
+"""Custom Diffusion fine-tuning (Kumari et al. 2023, §3.1): train only what the mode names.
+
+The paper's method (mode ``crossattn_kv``) updates the cross-attention key and value projections
+``W_k``, ``W_v`` that read the text features (§3.1, Fig. 2) together with the embedding of a new modifier
+token ``V*`` (``<new1>``), initialised from a rare word; everything else stays frozen. A prior-preservation
+loss on regularization images of the class keeps the model from forgetting it. Other modes are the
+paper's ablations and baselines: all cross-attention (``crossattn``), the whole UNet (``full``,
+DreamBooth-like) and the token alone (``token``, Textual-Inversion-like).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+from tqdm.auto import tqdm
+
+from customdiff import concept, data, files, generate, models
+from customdiff.config import check_token, option, positional, save_config
+from customdiff.errors import CustomDiffError
+
+Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
+NEW_ROWS = "new_token_rows"  # the trainable parameter holding the modifier tokens' embedding rows
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_EVERY = 10
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "out")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Teach the base model one concept from a few images (Custom Diffusion, single concept)."""
+
+    images: Path = positional("folder of the concept's images (captions from metadata.jsonl or .txt)")
+    class_word: str = positional("the concept's class, e.g. cat or star; captions without one use it")
+    out: Path = option(Path("runs/concept"), "folder for concept.safetensors, checkpoints, previews", "-o")
+    model: Path | None = option(
+        None, "base model: a diffusers Stable Diffusion folder (default: the toy model)"
+    )
+    token: str = option("<new1>", "modifier token that names the concept in captions and prompts")
+    initializer: str = option("ktn", "rare word (one token) whose embedding starts the modifier token's")
+    mode: Mode = option(
+        "crossattn_kv",
+        "what trains besides the token: cross-attention K/V (the paper), all of it, the UNet, nothing",
+    )
+    reg: Literal["generate", "retrieve", "none"] = option(
+        "generate",
+        "regularization images: sampled from the base model, retrieved from --reg-dir by CLIP, or none",
+    )
+    reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
+    num_reg: int = option(200, "number of regularization images")
+    steps: int = option(400, "training steps")
+    lr: float = option(2e-4, "learning rate (per image with --scale-lr; the paper: 1e-5 on SD at 512²)")
+    scale_lr: bool = option(True, "multiply --lr by the batch size × processes, as the paper does")
+    batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
+    augment: bool = option(True, "the paper's resize augmentation with loss mask and size prefixes")
+    flip: bool = option(True, "mirror half the images")
+    seed: int = option(0, "random seed: the same seed gives the same concept")
+    checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
+    preview_every: int = option(0, "steps between preview grids in OUT/previews (0: none)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "mixed precision (fp16 or bf16 on GPU)")
+    gradient_checkpointing: bool = option(
+        False, "recompute UNet activations in the backward pass to save memory"
+    )
+    cache_dir: Path | None = option(
+        None, "where generated regularization images are kept (default: ~/.cache/customdiff)"
+    )
+
+    def __post_init__(self) -> None:
+        check_token(self.token, "--token")
+        for name in ("steps", "num_reg", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise CustomDiffError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
+        if self.lr <= 0:
+            raise CustomDiffError(f"--lr {self.lr}: pass a positive learning rate")
+        if self.reg == "retrieve" and self.reg_dir is None:
+            raise CustomDiffError("--reg retrieve needs --reg-dir, a captioned image folder to retrieve from")
+        if self.reg != "none" and self.batch_size % 2:
+            raise CustomDiffError(
+                f"--batch-size {self.batch_size}: with regularization half the batch is target images and "
+                "half regularization images; pass an even number"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def _is_token_row(name: str) -> bool:
+    return name.startswith("text_encoder.") and name.endswith(NEW_ROWS)
+
+
+MODE_PREDICATES: dict[str, Callable[[str], bool]] = {
+    "crossattn_kv": lambda name: _is_token_row(name) or re.search(r"\.attn2\.to_[kv]\.", name) is not None,
+    "crossattn": lambda name: _is_token_row(name) or (name.startswith("unet.") and ".attn2." in name),
+    "full": lambda name: _is_token_row(name) or name.startswith("unet."),
+    "token": _is_token_row,
+}
+
+
+def trainable_parameters(unet, text_encoder, mode: Mode) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``mode`` trains, by name ("unet.…", "text_encoder.…"), in a fixed order.
+
+    The modifier tokens' rows count only once split off by ``new_token_rows``, so that the other rows of
+    the embedding can never change.
+    """
+    named = [(f"unet.{name}", p) for name, p in unet.named_parameters()]
+    named += [(f"text_encoder.{name}", p) for name, p in text_encoder.named_parameters()]
+    return {name: parameter for name, parameter in named if MODE_PREDICATES[mode](name)}
+
+
+def add_modifier_tokens(tokenizer, text_encoder, tokens: list[str], initializers: list[str]) -> list[int]:
+    """Add modifier tokens to the vocabulary, each embedding row a copy of its initializer word's (§3.1).
+
+    Returns:
+        the new tokens' ids, in order (the last rows of the resized embedding).
+    Raises:
+        CustomDiffError: a token is already in the vocabulary, or an initializer is not exactly one token.
+    """
+    vocabulary = tokenizer.get_vocab()
+    for token in tokens:
+        is_a_word = len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+        if token in vocabulary or is_a_word or tokens.count(token) > 1:
+            raise CustomDiffError(
+                f"the token {token} is already in the tokenizer's vocabulary; pass another --token"
+            )
+    initializer_ids = []
+    for word in initializers:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise CustomDiffError(
+                f'--initializer "{word}" is {len(ids)} tokens for this tokenizer; pass a one-token word'
+            )
+        initializer_ids.append(ids[0])
+    tokenizer.add_tokens(tokens)
+    token_ids = tokenizer.convert_tokens_to_ids(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    weight = text_encoder.get_input_embeddings().weight
+    assert token_ids == list(range(len(weight) - len(tokens), len(weight))), (
+        "new tokens must be the last rows"
+    )
+    with torch.no_grad():
+        weight[token_ids] = weight[initializer_ids].clone()
+    return token_ids
+
+
+class NewTokenEmbedding(torch.nn.Module):
+    """A token embedding whose last ``count`` rows are a separate parameter, so that only they train."""
+
+    def __init__(self, embedding: torch.nn.Embedding, count: int):
+        super().__init__()
+        self.base = embedding
+        self.first = embedding.num_embeddings - count
+        self.register_parameter(NEW_ROWS, torch.nn.Parameter(embedding.weight[self.first :].detach().clone()))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        new = ids >= self.first
+        base = self.base(torch.where(new, 0, ids))
+        rows = F.embedding(torch.where(new, ids - self.first, 0), getattr(self, NEW_ROWS))
+        return torch.where(new[..., None], rows.to(base.dtype), base)
+
+
+@contextmanager
+def new_token_rows(text_encoder, count: int) -> Iterator[NewTokenEmbedding]:
+    """Split the last ``count`` embedding rows off as their own parameter; write them back on exit.
+
+    A whole-matrix parameter with the other rows' gradients zeroed would still move them under AdamW's
+    weight decay, and its optimizer state would be vocabulary-sized.
+    """
+    embedding = text_encoder.get_input_embeddings()
+    split = NewTokenEmbedding(embedding, count)
+    text_encoder.set_input_embeddings(split)
+    try:
+        yield split
+    finally:
+        with torch.no_grad():
+            embedding.weight[split.first :] = getattr(split, NEW_ROWS).to(embedding.weight.dtype)
+        text_encoder.set_input_embeddings(embedding)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def _detach_start(states: torch.Tensor) -> torch.Tensor:
+    """(B, tokens, dim) with the start-of-text position cut from the graph."""
+    return torch.cat([states[:, :1].detach(), states[:, 1:]], dim=1)
+
+
+class StartDetachedAttnProcessor(AttnProcessor2_0):
+    """Cross-attention whose key and value at the start-of-text token get no gradient.
+
+    As in the paper's code: the start token's features are the same for every prompt, so fitting
+    ``W_k``/``W_v`` to them would shift every prompt. The forward pass equals ``AttnProcessor2_0``;
+    self-attention and unusual layers take its path unchanged.
+    """
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
+        unusual = attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
+        if encoder_hidden_states is None or hidden_states.ndim != 3 or unusual or attn.norm_k is not None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        batch = hidden_states.shape[0]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(
+                attention_mask, encoder_hidden_states.shape[1], batch
+            )
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+        def heads(states: torch.Tensor) -> torch.Tensor:
+            return states.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, tokens, head_dim)
+
+        query = heads(attn.to_q(hidden_states))
+        key = heads(_detach_start(attn.to_k(encoder_hidden_states)))
+        value = heads(_detach_start(attn.to_v(encoder_hidden_states)))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        out = attn.to_out[1](
+            attn.to_out[0](out.transpose(1, 2).flatten(2).to(query.dtype))
+        )  # (B, pixels, dim)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def start_detached(unet) -> Iterator[None]:
+    """Give every cross-attention layer (``attn2``) a ``StartDetachedAttnProcessor``; restore on exit."""
+    original = unet.attn_processors
+    unet.set_attn_processor(
+        {
+            name: StartDetachedAttnProcessor() if name.endswith("attn2.processor") else processor
+            for name, processor in original.items()
+        }
+    )
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked latent pixels of each sample, averaged over the batch.
+
+    As the paper's code: ``(loss * mask).sum() / mask.sum()`` per sample; mask (B, 1, h, w), all ones
+    for regularization images, so that the prior loss has weight 1.
+    """
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    mask = mask.expand_as(squared)
+    return ((squared * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1)).mean()
+
+
+def diffusion_loss(
+    unet, scheduler: DDPMScheduler, latents, masks, text, generator: torch.Generator
+) -> torch.Tensor:
+    """The denoising loss at random timesteps (Eq. 1), masked; noise and timesteps from ``generator``."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (len(latents),), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, text).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        return masked_mse(prediction, scheduler.get_velocity(latents, noise, timesteps), masks)
+    return masked_mse(prediction, noise, masks)
+
+
+def sample_batch(
+    target: data.LatentPool, reg: data.LatentPool | None, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Latents (B, C, h, w), masks (B, 1, h, w), captions: target views, then half regularization."""
+    n_reg = batch_size // 2 if reg is not None else 0
+    latents, masks, captions = target.take(
+        torch.randint(len(target), (batch_size - n_reg,), generator=generator)
+    )
+    if n_reg:
+        reg_latents, reg_masks, reg_captions = reg.take(
+            torch.randint(len(reg), (n_reg,), generator=generator)
+        )
+        latents, masks = torch.cat([latents, reg_latents]), torch.cat([masks, reg_masks])
+        captions = captions + reg_captions
+    return latents, masks, captions
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _resumable(config: FinetuneConfig) -> dict:
+    return {k: str(v) for k, v in dataclasses.asdict(config).items() if k not in RESUME_MAY_CHANGE}
+
+
+def save_checkpoint(
+    path: Path, step: int, parameters: dict, optimizer, generator, config: FinetuneConfig
+) -> None:
+    """The trainable tensors, optimizer state, step and RNG state, written atomically.
+
+    Small by design (not ``accelerator.save_state``, which would save the whole UNet each time).
+    """
+    state = {
+        "step": step,
+        "config": _resumable(config),
+        "rng": generator.get_state(),
+        "optimizer": optimizer.state_dict(),
+        "parameters": {name: p.detach().cpu() for name, p in parameters.items()},
+    }
+    with files.atomic_path(path) as temporary:
+        torch.save(state, temporary)
+
+
+def load_checkpoint(path: Path, parameters: dict, optimizer, generator, config: FinetuneConfig) -> int:
+    """Restore a checkpoint written by ``save_checkpoint``; returns its step (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = [k for k, v in _resumable(config).items() if state["config"].get(k) != v]
+    if changed:
+        raise CustomDiffError(
+            f"{path} is a checkpoint of another run (--{changed[0].replace('_', '-')} differs); "
+            "pass a new --out or delete the checkpoint"
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(state["parameters"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"])
+    return state["step"]
+
+
+def write_preview(step: int, pipe, prompts: list[str], folder: Path, seed: int) -> None:
+    """Two samples of each prompt in one grid (one row per prompt), as ``folder/step-NNNNNN.png``."""
+    images = generate.sample(pipe, prompts, n=2, steps=25, seed=seed, progress=False)
+    files.save_png(
+        files.prepare_output_dir(folder) / f"step-{step:06d}.png", files.image_grid(images, columns=2)
+    )
+
+
+def prepare_data(config: FinetuneConfig, pipe) -> tuple[list[str], data.LatentPool, data.LatentPool | None]:
+    """Target captions and the encoded pools of target views and regularization images."""
+    size = data.resolution(pipe)
+    examples = data.load_examples(config.images, size, config.token, config.class_word)
+    captions = [example.caption for example in examples]
+    prompts = data.class_prompts(captions, [config.token])
+    cache_dir = config.cache_dir or data.default_cache_dir()
+    reg_images = data.regularization_images(
+        config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
+    )
+    target = data.target_pool(
+        pipe.vae, examples, pipe.vae_scale_factor, config.seed, config.augment, config.flip
+    )
+    reg = data.regularization_pool(
+        pipe.vae, reg_images, size, pipe.vae_scale_factor, config.seed, config.flip
+    )
+    return captions, target, reg
+
+
+def prepare_modules(accelerator: Accelerator, unet, text_encoder, optimizer) -> tuple:
+    """Hand the modules that hold trainable parameters and the optimizer to accelerate (devices, DDP).
+
+    Returns:
+        (unet, text encoder, optimizer) to run the step with; a module with nothing to train stays as is.
+    """
+    trained = [m for m in (unet, text_encoder) if any(p.requires_grad for p in m.parameters())]
+    *prepared, optimizer = accelerator.prepare(*trained, optimizer)
+    wrapped = dict(zip(map(id, trained), prepared, strict=True))
+    return wrapped.get(id(unet), unet), wrapped.get(id(text_encoder), text_encoder), optimizer
+
+
+@contextmanager
+def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
+    """Recompute the UNet's activations in the backward pass while the block runs (when ``enabled``)."""
+    if enabled:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled:
+            unet.disable_gradient_checkpointing()
+
+
+def train(
+    config: FinetuneConfig,
+    pipe: StableDiffusionPipeline | None = None,
+    preview: Callable[[int, StableDiffusionPipeline], None] | None = None,
+) -> Path:
+    """Fine-tune as ``config.mode`` says and write the concept (§3.1); resumes from OUT's checkpoint.
+
+    Args:
+        pipe: the base pipeline (default: ``models.load_pipeline(config.model)``); it is fine-tuned in
+            place and holds the concept afterwards.
+        preview: called as ``preview(step, pipe)`` every ``config.preview_every`` steps (default: a grid
+            of three target captions and a class prompt in OUT/previews).
+    Returns:
+        the path of the written ``concept.safetensors``.
+    """
+    out = files.prepare_output_dir(config.out)
+    pipe = pipe or models.load_pipeline(config.model)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    set_seed(config.seed)
+    pipe.to(accelerator.device)
+    base_hash = models.model_hash(pipe)
+    captions, target, reg = prepare_data(config, pipe)
+    prompts = list(dict.fromkeys(captions))[:3] + data.class_prompts(captions, [config.token])[:1]
+    preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    token_ids = add_modifier_tokens(tokenizer, text_encoder, [config.token], [config.initializer])
+    for module in (pipe.vae, unet, text_encoder):
+        module.requires_grad_(False)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(config.seed)
+    text_cache: dict[str, torch.Tensor] = {}
+    with (
+        new_token_rows(text_encoder, len(token_ids)) as embedding,
+        start_detached(unet),
+        gradient_checkpointing(unet, config.gradient_checkpointing),
+    ):
+        parameters = trainable_parameters(unet, text_encoder, config.mode)
+        base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
+        for parameter in parameters.values():
+            parameter.requires_grad_(True)
+        lr = config.lr * (config.batch_size * accelerator.num_processes if config.scale_lr else 1)
+        optimizer = torch.optim.AdamW(parameters.values(), lr=lr)
+        step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, generator, config)
+        unet_step, text_step, optimizer = prepare_modules(accelerator, unet, text_encoder, optimizer)
+        bar = tqdm(total=config.steps, initial=step, desc="finetune", dynamic_ncols=True, disable=None)
+        losses = []
+        while step < config.steps:
+            latents, masks, batch_captions = sample_batch(target, reg, config.batch_size, generator)
+            with accelerator.autocast():
+                text = data.encode_captions(tokenizer, text_step, batch_captions, embedding.first, text_cache)
+                loss = diffusion_loss(unet_step, scheduler, latents, masks, text, generator)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(list(parameters.values()), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-LOG_EVERY:]):.4f}")
+            if not accelerator.is_main_process:
+                continue
+            if step % LOG_EVERY == 0:
+                with open(out / "log.jsonl", "a") as log:
+                    log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-LOG_EVERY:]))}) + "\n")
+            if step % config.checkpoint_every == 0:
+                save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, generator, config)
+            if config.preview_every and step % config.preview_every == 0:
+                preview(step, pipe)
+        bar.close()
+        result = concept.Concept(
+            base_hash=base_hash,
+            mode=config.mode,
+            tokens=(config.token,),
+            class_words=(config.class_word,),
+            initializers=(config.initializer,),
+            token_embeddings=getattr(embedding, NEW_ROWS).detach().float().cpu(),
+            deltas={name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()},
+            config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        )
+    for module in (unet, text_encoder):
+        module.requires_grad_(False).eval()
+    save_config(config, out)
+    return concept.save_concept(out, result, unet)

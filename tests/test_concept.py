@@ -1,0 +1,138 @@
+"""The concept file: exact round trip, applying equals fine-tuning, and diffusers' own loaders agree."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor
+from safetensors.torch import load_file
+
+from customdiff import concept, files, finetune, models, toyworld
+from customdiff.errors import CustomDiffError
+
+PROMPT = "a <new1> star on a gray background"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipeline_dir, tmp_path_factory):
+    """mode → (fine-tuned pipeline, its output folder), from short runs with a large learning rate."""
+    images = tmp_path_factory.mktemp("starfish")
+    files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    runs = {}
+    for mode in ("crossattn_kv", "crossattn"):
+        out = tmp_path_factory.mktemp(mode)
+        config = finetune.FinetuneConfig(images, "star", out=out, mode=mode, reg="none", steps=3, lr=1e-2)
+        pipe = models.load_pipeline(tiny_pipeline_dir)
+        finetune.train(config, pipe)
+        runs[mode] = pipe, out
+    return runs
+
+
+@torch.no_grad()
+def unet_output(pipe, prompt: str = PROMPT) -> torch.Tensor:
+    """The UNet's noise prediction for fixed latents and timestep, the prompt encoded by diffusers."""
+    text = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    side = pipe.unet.config.sample_size
+    latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
+    return pipe.unet(latents, torch.tensor([500]), text).sample
+
+
+def test_save_then_load_round_trips_exactly(tmp_path):
+    original = concept.Concept(
+        base_hash="a1b2c3d4e5f6",
+        mode="crossattn_kv",
+        tokens=("<new1>", "<new2>"),
+        class_words=("star", "ring"),
+        initializers=("ktn", "sks"),
+        token_embeddings=torch.randn(2, 32),
+        deltas={
+            "unet.down.attn2.to_k.weight": torch.randn(8, 32),
+            "unet.down.attn2.to_v.weight": torch.randn(8, 32),
+        },
+        config={"steps": 250, "lr": 1e-5},
+    )
+    path = concept.save_concept(tmp_path, original)
+    loaded = concept.load_concept(path)
+    assert loaded.deltas.keys() == original.deltas.keys()
+    assert all(torch.equal(loaded.deltas[name], original.deltas[name]) for name in original.deltas)
+    assert torch.equal(loaded.token_embeddings, original.token_embeddings)
+    same = ("base_hash", "mode", "tokens", "class_words", "initializers", "config")
+    assert all(getattr(loaded, field) == getattr(original, field) for field in same)
+    assert torch.equal(load_file(tmp_path / "<new2>.safetensors")["<new2>"], original.token_embeddings[1])
+    assert concept.load_concept(tmp_path).tokens == original.tokens  # a folder holding it works too
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_load_concept_names_a_missing_or_foreign_file(tmp_path):
+    with pytest.raises(CustomDiffError, match="does not exist"):
+        concept.load_concept(tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(CustomDiffError, match="not a customdiff concept"):
+        concept.load_concept(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["crossattn_kv", "crossattn"])
+def test_apply_concept_reproduces_the_fine_tuned_model(mode, trained, tiny_pipeline_dir):
+    tuned, out = trained[mode]
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    base_output = unet_output(pipe, "a <new1> star on a gray background")
+    applied = concept.apply_concept(pipe, out / concept.CONCEPT_FILE)
+    assert applied.concept.tokens == ("<new1>",) and len(pipe.tokenizer) == len(tuned.tokenizer)
+    torch.testing.assert_close(unet_output(pipe), unet_output(tuned), rtol=1e-5, atol=1e-6)
+    assert (unet_output(pipe) - base_output).abs().max() > 1e-3  # the concept really changes the output
+    torch.testing.assert_close(
+        unet_output(pipe, "a red star on a gray background"),
+        unet_output(tuned, "a red star on a gray background"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_remove_concept_restores_the_base(trained, tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    prompt = "a red star on a gray background"
+    before, vocabulary = unet_output(pipe, prompt), len(pipe.tokenizer)
+    weights = {name: p.clone() for name, p in pipe.unet.named_parameters()}
+    applied = concept.apply_concept(pipe, trained["crossattn_kv"][1])
+    concept.remove_concept(pipe, applied)
+    assert (
+        len(pipe.tokenizer) == vocabulary
+        and pipe.text_encoder.get_input_embeddings().num_embeddings == vocabulary
+    )
+    assert torch.equal(unet_output(pipe, prompt), before)
+    assert all(torch.equal(weight, weights[name]) for name, weight in pipe.unet.named_parameters())
+    concept.apply_concept(pipe, trained["crossattn_kv"][1])  # the base hash matches again
+
+
+def test_apply_concept_refuses_another_base(trained, tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.add_(1e-3)
+    with pytest.raises(
+        CustomDiffError, match=r"concept.safetensors was trained on base \w+, not on this model"
+    ):
+        concept.apply_concept(pipe, trained["crossattn_kv"][1])
+    assert "<new1>" not in pipe.tokenizer.get_vocab()  # nothing half-applied
+
+
+@pytest.mark.parametrize("mode", ["crossattn_kv", "crossattn"])
+def test_diffusers_loaders_apply_our_files(mode, trained, tiny_pipeline_dir):
+    """diffusers 0.42.1: load_textual_inversion works as documented; load_attn_procs only with _pipeline.
+
+    Called as documented, ``unet.load_attn_procs`` builds the processors and then drops them (it sets
+    them only when the private ``_pipeline`` argument is given, diffusers issue 9320).
+    """
+    tuned, out = trained[mode]
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    pipe.load_textual_inversion(out, weight_name="<new1>.safetensors")
+    pipe.unet.load_attn_procs(out, weight_name=concept.DIFFUSERS_ATTN_FILE)  # the documented call
+    assert all(
+        isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values()
+    )  # silently ignored
+    pipe.unet.load_attn_procs(out, weight_name=concept.DIFFUSERS_ATTN_FILE, _pipeline=pipe)
+    processors = pipe.unet.attn_processors
+    assert all(isinstance(p, CustomDiffusionAttnProcessor) for p in processors.values())
+    assert sum(p.train_kv for p in processors.values()) == sum(
+        n.endswith("attn2.processor") for n in processors
+    )
+    torch.testing.assert_close(unet_output(pipe), unet_output(tuned), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,202 @@
+"""Concept data: captions, the paper's resize augmentation with its mask and prefixes, and the caches."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from customdiff import data, files, generate, models, toyworld
+from customdiff.errors import CustomDiffError
+
+SIZE, FACTOR = 64, 4  # the toy model: 64² pixels, 16² latents
+TOKEN = "<new1>"
+
+
+@pytest.fixture
+def concept_dir(tmp_path):
+    folder = tmp_path / "starfish"
+    files.write_image_folder(folder, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    return folder
+
+
+def white_example(caption: str = "a <new1> star on a sand background") -> data.Example:
+    return data.Example(path=None, image=Image.new("RGB", (SIZE, SIZE), "white"), caption=caption)
+
+
+def test_load_examples_keeps_captions_fits_images_and_uses_the_template(concept_dir, tmp_path):
+    examples = data.load_examples(concept_dir, 32, TOKEN, "star")
+    assert [example.caption.split()[1] for example in examples] == [TOKEN] * 4
+    assert all(example.image.size == (32, 32) for example in examples)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Image.new("RGB", (80, 40), "red").save(plain / "a.png")
+    with pytest.warns(UserWarning, match="single image"):
+        (example,) = data.load_examples(plain, 32, TOKEN, "star")
+    assert example.caption == "photo of a <new1> star" and example.image.size == (32, 32)
+
+
+def test_load_examples_rejects_an_empty_folder_and_captions_without_the_token(concept_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CustomDiffError, match="no readable image"):
+        data.load_examples(tmp_path / "empty", 32, TOKEN, "star")
+    with pytest.raises(CustomDiffError, match="does not name the modifier token <new2>"):
+        data.load_examples(concept_dir, 32, "<new2>", "star")
+
+
+def pasted_box(pixels: torch.Tensor) -> tuple[int, int, int]:
+    """(top, left, side) of the white square pasted on the zero canvas."""
+    rows, columns = torch.nonzero(pixels[0] > 0.5, as_tuple=True)
+    return int(rows.min()), int(columns.min()), int(rows.max() - rows.min() + 1)
+
+
+def test_random_view_follows_the_papers_resize_augmentation():
+    rng = np.random.default_rng(0)
+    tokenizer = models.build_toy_tokenizer()
+    tokenizer.add_tokens(TOKEN)
+    kinds = {"far": 0, "near": 0, "pasted": 0}
+    for _ in range(300):
+        view = data.random_view(white_example(), FACTOR, rng)
+        models.check_prompt(tokenizer, view.caption)  # every prefix word is a toy word
+        prefix, _, rest = view.caption.rpartition(", ")
+        assert rest == "a <new1> star on a sand background"
+        assert view.pixels.shape == (3, SIZE, SIZE) and view.mask.shape == (SIZE // FACTOR,) * 2
+        if prefix in data.NEAR_PREFIXES or view.pixels.min() > 0.5:  # zoomed in (or exactly full size)
+            assert torch.all(view.mask == 1) and torch.all(view.pixels > 0.5)
+            kinds["near"] += prefix in data.NEAR_PREFIXES
+            continue
+        top, left, side = pasted_box(view.pixels)
+        assert SIZE // 3 <= side < SIZE
+        assert (prefix in data.FAR_PREFIXES) == (side < 0.6 * SIZE)
+        assert view.pixels.abs().sum() == pytest.approx(3 * side * side, rel=0.05)  # blank canvas elsewhere
+        expected = torch.zeros(SIZE // FACTOR, SIZE // FACTOR)
+        expected[
+            top // FACTOR + 1 : (top + side) // FACTOR - 1, left // FACTOR + 1 : (left + side) // FACTOR - 1
+        ] = 1
+        assert torch.equal(view.mask, expected)  # the pasted box shrunk by one latent pixel
+        kinds["pasted"] += 1
+        kinds["far"] += prefix in data.FAR_PREFIXES
+    assert 70 < kinds["near"] < 130  # 1/3 zoom in
+    assert 50 < kinds["far"] < 110  # 2/3 × (0.6 - 1/3) / (2/3) ≈ 0.27 far away
+    assert kinds["pasted"] > kinds["far"]
+
+
+def test_random_view_flips_half_the_time_and_keeps_the_image_without_augmentation():
+    image = Image.new("RGB", (SIZE, SIZE), "black")
+    image.paste((255, 255, 255), (0, 0, SIZE // 2, SIZE))  # left half white
+    example = data.Example(None, image, "a <new1> star on a sand background")
+    rng = np.random.default_rng(0)
+    views = [data.random_view(example, FACTOR, rng, augment=False, flip=True) for _ in range(40)]
+    left_white = [bool(view.pixels[0, :, 0].mean() > 0) for view in views]
+    assert 10 < sum(left_white) < 30
+    for view in views:
+        assert view.caption == example.caption and torch.all(view.mask == 1)
+        expected = data.to_pixels(image) if view.pixels[0, 0, 0] > 0 else data.to_pixels(image).flip(-1)
+        assert torch.equal(view.pixels, expected)
+
+
+def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, concept_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    examples = data.load_examples(concept_dir, data.resolution(pipe), TOKEN, "star")
+    calls = []
+    encode = pipe.vae.encode
+    pipe.vae.encode = lambda pixels: calls.append(len(pixels)) or encode(pixels)
+    pool = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=3)
+    assert sum(calls) == len(pool) == data.VIEWS_PER_IMAGE * 4
+    side = pipe.unet.config.sample_size
+    assert pool.latents.shape == (len(pool), 4, side, side) and pool.masks.shape == (len(pool), 1, side, side)
+    again = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=3)
+    assert torch.equal(pool.latents, again.latents) and pool.captions == again.captions
+    assert any(caption.startswith(data.FAR_PREFIXES) for caption in pool.captions)
+
+
+def test_class_prompts_take_the_token_out():
+    captions = ["a <new1> star on a sand background", "a <new1> star on a gray background"] * 2
+    assert data.class_prompts(captions, [TOKEN]) == [
+        "a star on a sand background",
+        "a star on a gray background",
+    ]
+    assert data.class_prompts(["photo of a <new1> cat"], [TOKEN]) == ["photo of a cat"]
+
+
+def test_generated_regularization_samples_once_then_reads_the_cache(tiny_pipeline_dir, tmp_path, monkeypatch):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    calls = []
+    sample = generate.sample
+    monkeypatch.setattr(
+        generate, "sample", lambda *args, **kwargs: calls.append(args[1]) or sample(*args, **kwargs)
+    )
+    prompts = ["a red star on a sand background", "a blue star on a gray background"]
+    first = data.generated_regularization(pipe, prompts, 3, tmp_path, steps=2)
+    second = data.generated_regularization(pipe, prompts, 3, tmp_path, steps=2)
+    assert calls == [prompts]  # generated once
+    assert [caption for _, caption in first] == [prompts[0], prompts[1], prompts[0]]
+    assert [caption for _, caption in second] == [caption for _, caption in first]
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for (a, _), (b, _) in zip(first, second, strict=True)
+    )
+    data.generated_regularization(pipe, prompts, 4, tmp_path, steps=2)
+    assert len(calls) == 2  # another n is another cache entry
+
+
+def test_regularization_pool_has_full_masks(tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    images = [(Image.new("RGB", (64, 64), color), f"a {color} thing") for color in ("red", "blue", "green")]
+    pool = data.regularization_pool(pipe.vae, images, data.resolution(pipe), pipe.vae_scale_factor, seed=0)
+    assert len(pool) == 3 and torch.all(pool.masks == 1) and pool.captions[1] == "a blue thing"
+    assert data.regularization_pool(pipe.vae, [], 32, 2, seed=0) is None
+
+
+def test_retrieve_needs_a_clip_model_beside_the_base(tiny_pipeline_dir, tmp_path):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    with pytest.raises(CustomDiffError, match="retrieve needs a CLIP model"):
+        data.regularization_images("retrieve", pipe, ["a star"], 2, tmp_path, tmp_path)
+
+
+def test_retrieve_keeps_the_closest_images_with_their_own_captions(tmp_path, monkeypatch):
+    """A CLIP stand-in whose image features turn towards the text feature as images get redder."""
+    from transformers import CLIPModel
+
+    folder = tmp_path / "scenes"
+    reds = [10, 250, 90, 170, 40]
+    files.write_image_folder(
+        folder, ((Image.new("RGB", (8, 8), (red, 0, 0)), f"scene {red}") for red in reds)
+    )
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+
+    class RedClip:
+        config = type("Config", (), {"vision_config": type("Vision", (), {"image_size": 8})})
+
+        def eval(self):
+            return self
+
+    def image_features(clip, pixels):
+        redness = (pixels[:, 0].mean((1, 2)) + 1) / 2  # pixels in [-1, 1]
+        return torch.stack([redness, 1 - redness], dim=1)
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *args, **kwargs: RedClip())
+    monkeypatch.setattr(models, "clip_text_features", lambda clip, ids: torch.tensor([[1.0, 0.0]] * len(ids)))
+    monkeypatch.setattr(models, "clip_image_features", image_features)
+    found = data.retrieved_regularization(
+        folder, tmp_path / "clip", models.build_toy_tokenizer(), ["a red star"], 3
+    )
+    assert [caption for _, caption in found] == ["scene 250", "scene 170", "scene 90"]
+
+
+def test_encode_captions_caches_only_captions_without_a_modifier_token(tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    pipe.tokenizer.add_tokens(TOKEN)
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    first_new = len(pipe.tokenizer) - 1
+    encoded = []
+    forward = pipe.text_encoder.forward
+    pipe.text_encoder.forward = lambda ids, *a, **k: encoded.append(len(ids)) or forward(ids, *a, **k)
+    cache = {}
+    captions = ["a <new1> star on a sand background", "a red star on a sand background"]
+    features = data.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, first_new, cache)
+    again = data.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, first_new, cache)
+    assert list(cache) == ["a red star on a sand background"]
+    assert encoded == [1, 1, 1]  # the plain caption once, the token caption every time
+    assert torch.equal(features, again) and features.shape[:2] == (2, pipe.tokenizer.model_max_length)
+    reference = pipe.text_encoder(data.tokenize(pipe.tokenizer, captions))[0]
+    torch.testing.assert_close(features, reference)

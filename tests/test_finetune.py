@@ -1,0 +1,220 @@
+"""Fine-tuning: exactly the mode's parameters train, every new token's row trains, runs resume exactly."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from customdiff import concept, data, files, finetune, models, toyworld
+from customdiff.errors import CustomDiffError
+from customdiff.finetune import FinetuneConfig
+
+
+@pytest.fixture(scope="module")
+def concept_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("starfish")
+    files.write_image_folder(folder, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    return folder
+
+
+def config_for(concept_dir, out, **changes) -> FinetuneConfig:
+    settings = dict(reg="none", steps=2, lr=1e-2, batch_size=2, checkpoint_every=100)
+    return FinetuneConfig(concept_dir, "star", out=out, **{**settings, **changes})
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    return {
+        f"{prefix}.{name}": p.detach().clone()
+        for prefix, m in modules.items()
+        for name, p in m.named_parameters()
+    }
+
+
+EMBEDDING = "text_encoder.embeddings.token_embedding.weight"
+
+
+def word_id(tokenizer, word: str) -> int:
+    (token_id,) = tokenizer(word, add_special_tokens=False).input_ids
+    return token_id
+
+
+@pytest.mark.parametrize("mode", ["crossattn_kv", "crossattn", "full", "token"])
+def test_training_changes_exactly_the_parameters_of_the_mode(mode, tiny_pipeline_dir, concept_dir, tmp_path):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    before = snapshot(pipe)
+    path = finetune.train(config_for(concept_dir, tmp_path, mode=mode), pipe)
+    after = snapshot(pipe)
+    selects = finetune.MODE_PREDICATES[mode]
+    changed = {name for name in before if name != EMBEDDING and not torch.equal(before[name], after[name])}
+    frozen = {name for name in before if name != EMBEDDING and not selects(name)}
+    assert not changed & frozen  # everything outside the mode stays bit-identical
+    assert changed == {name for name in before if selects(name)} or mode == "full"
+    assert changed or mode == "token"
+    rows = len(before[EMBEDDING])
+    torch.testing.assert_close(after[EMBEDDING][:rows], before[EMBEDDING], rtol=0, atol=0)
+    assert not torch.equal(after[EMBEDDING][rows], after[EMBEDDING][word_id(pipe.tokenizer, "ktn")])
+    assert set(concept.load_concept(path).deltas) == {name for name in before if selects(name)}
+
+
+def test_modes_select_cross_attention_by_name(tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    finetune.add_modifier_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"], ["ktn"])
+    with finetune.new_token_rows(pipe.text_encoder, 1):
+        kv = finetune.trainable_parameters(pipe.unet, pipe.text_encoder, "crossattn_kv")
+        attention = finetune.trainable_parameters(pipe.unet, pipe.text_encoder, "crossattn")
+        token = finetune.trainable_parameters(pipe.unet, pipe.text_encoder, "token")
+    token_row = "text_encoder.embeddings.token_embedding.new_token_rows"
+    assert list(token) == [token_row]
+    assert {name.split("attn2.")[1] for name in kv if name != token_row} == {"to_k.weight", "to_v.weight"}
+    assert {name.split("attn2.")[1] for name in attention if name != token_row} == {
+        "to_q.weight",
+        "to_k.weight",
+        "to_v.weight",
+        "to_out.0.weight",
+        "to_out.0.bias",
+    }
+
+
+def test_add_modifier_tokens_starts_each_row_from_its_initializer_and_rejects_bad_words(tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    with pytest.raises(CustomDiffError, match="already in the tokenizer"):
+        finetune.add_modifier_tokens(tokenizer, text_encoder, ["star"], ["ktn"])
+    with pytest.raises(CustomDiffError, match='--initializer "starfish" is'):
+        finetune.add_modifier_tokens(tokenizer, text_encoder, ["<new1>"], ["starfish"])
+    ids = finetune.add_modifier_tokens(tokenizer, text_encoder, ["<new1>", "<new2>"], ["ktn", "sks"])
+    weight = text_encoder.get_input_embeddings().weight
+    assert ids == [len(weight) - 2, len(weight) - 1] == [len(tokenizer) - 2, len(tokenizer) - 1]
+    for token_id, word in zip(ids, ["ktn", "sks"], strict=True):
+        assert torch.equal(weight[token_id], weight[word_id(tokenizer, word)])
+    assert len(tokenizer("a <new1> <new2> star", add_special_tokens=False).input_ids) == 4
+
+
+def test_every_new_token_row_trains_and_no_other_row_moves(tiny_pipeline_dir, concept_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    ids = finetune.add_modifier_tokens(tokenizer, text_encoder, ["<new1>", "<new2>"], ["ktn", "sks"])
+    before = text_encoder.get_input_embeddings().weight.detach().clone()
+    pipe.unet.requires_grad_(False), text_encoder.requires_grad_(False)
+    with finetune.new_token_rows(text_encoder, 2) as embedding:
+        rows = finetune.trainable_parameters(pipe.unet, text_encoder, "token")
+        optimizer = torch.optim.AdamW([p.requires_grad_() for p in rows.values()], lr=1e-2, weight_decay=0.1)
+        examples = data.load_examples(concept_dir, data.resolution(pipe), "<new1>", "star")
+        pool = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=0)
+        latents, masks, _ = pool.take(torch.arange(4))
+        captions = [caption.replace("<new1>", "<new1> <new2>") for caption in pool.captions[:4]]
+        text = data.encode_captions(tokenizer, text_encoder, captions, embedding.first, {})
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        finetune.diffusion_loss(pipe.unet, scheduler, latents, masks, text, torch.Generator()).backward()
+        optimizer.step()
+    after = text_encoder.get_input_embeddings().weight
+    assert torch.equal(after[: ids[0]], before[: ids[0]])  # weight decay never touches the old rows
+    assert all(not torch.equal(after[i], before[i]) for i in ids)  # the last token trains too
+
+
+def test_start_detached_processor_equals_sdpa_and_cuts_the_start_token_gradient():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    hidden, text = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
+    expected = AttnProcessor2_0()(attn, hidden, text)
+    output = finetune.StartDetachedAttnProcessor()(attn, hidden, text)
+    torch.testing.assert_close(output, expected)
+    only_start = torch.zeros_like(text)
+    only_start[:, 0] = text[:, 0]  # K/V of the other tokens are zero: no gradient from them either way
+    for processor, start_trains in (
+        (AttnProcessor2_0(), True),
+        (finetune.StartDetachedAttnProcessor(), False),
+    ):
+        attn.zero_grad()
+        processor(attn, hidden, only_start).square().sum().backward()
+        assert (attn.to_k.weight.grad.abs().sum() > 0) == start_trains
+        assert (attn.to_v.weight.grad.abs().sum() > 0) == start_trains
+
+
+def test_masked_mse_averages_only_where_the_mask_is_on():
+    prediction, target = torch.zeros(2, 4, 3, 3), torch.ones(2, 4, 3, 3)
+    target[0, :, 0, 0] = 5.0  # outside sample 0's mask
+    mask = torch.ones(2, 1, 3, 3)
+    mask[0, :, 0, 0] = 0
+    assert finetune.masked_mse(prediction, target, mask).item() == pytest.approx(1.0)
+
+
+def fixed_batch_loss(pipe, concept_dir) -> float:
+    """The loss on 4 unaugmented views × 4 noise draws, the same draws every call."""
+    examples = data.load_examples(concept_dir, data.resolution(pipe), "<new1>", "star")
+    pool = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=0, augment=False, flip=False)
+    first_new = pipe.tokenizer.convert_tokens_to_ids("<new1>")
+    text = data.encode_captions(pipe.tokenizer, pipe.text_encoder, list(pool.captions) * 4, first_new, {})
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        latents, masks = pool.latents.repeat(4, 1, 1, 1), pool.masks.repeat(4, 1, 1, 1)
+        return finetune.diffusion_loss(
+            pipe.unet, scheduler, latents, masks, text, torch.Generator().manual_seed(1)
+        )
+
+
+def test_a_seeded_short_run_lowers_the_loss_on_a_fixed_batch(tiny_pipeline_dir, concept_dir, tmp_path):
+    base = models.load_pipeline(tiny_pipeline_dir)
+    finetune.add_modifier_tokens(base.tokenizer, base.text_encoder, ["<new1>"], ["ktn"])
+    trained = models.load_pipeline(tiny_pipeline_dir)
+    config = config_for(concept_dir, tmp_path, steps=40, lr=1e-2, augment=False)
+    finetune.train(config, trained)
+    assert fixed_batch_loss(trained, concept_dir) < 0.9 * fixed_batch_loss(base, concept_dir)
+
+
+def test_a_resumed_run_ends_where_a_straight_run_ends(tiny_pipeline_dir, concept_dir, tmp_path):
+    settings = dict(
+        steps=6, checkpoint_every=3, reg="generate", num_reg=2, cache_dir=tmp_path / "cache", lr=1e-3
+    )
+    straight = finetune.train(
+        config_for(concept_dir, tmp_path / "straight", **settings), models.load_pipeline(tiny_pipeline_dir)
+    )
+    resumed_dir = tmp_path / "resumed"
+    finetune.train(
+        config_for(concept_dir, resumed_dir, **{**settings, "steps": 3}),
+        models.load_pipeline(tiny_pipeline_dir),
+    )
+    assert (
+        torch.load(resumed_dir / finetune.CHECKPOINT_FILE, weights_only=False)["step"] == 3
+    )  # "killed" here
+    resumed = finetune.train(
+        config_for(concept_dir, resumed_dir, **settings), models.load_pipeline(tiny_pipeline_dir)
+    )
+    a, b = concept.load_concept(straight), concept.load_concept(resumed)
+    assert torch.equal(a.token_embeddings, b.token_embeddings)
+    assert a.deltas.keys() == b.deltas.keys() and all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+    with pytest.raises(CustomDiffError, match="checkpoint of another run"):
+        finetune.train(
+            config_for(concept_dir, resumed_dir, **{**settings, "lr": 1e-2}),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+
+
+def test_gradient_checkpointing_gives_the_same_concept_and_previews_are_called(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    plain = finetune.train(
+        config_for(concept_dir, tmp_path / "plain"), models.load_pipeline(tiny_pipeline_dir)
+    )
+    calls = []
+    checkpointed = finetune.train(
+        config_for(concept_dir, tmp_path / "checkpointed", gradient_checkpointing=True, preview_every=1),
+        models.load_pipeline(tiny_pipeline_dir),
+        preview=lambda step, pipe: calls.append(step),
+    )
+    a, b = concept.load_concept(plain), concept.load_concept(checkpointed)
+    torch.testing.assert_close(a.token_embeddings, b.token_embeddings)
+    for name in a.deltas:
+        torch.testing.assert_close(a.deltas[name], b.deltas[name])
+    assert calls == [1, 2]
+
+
+def test_config_rejects_inconsistent_flags(concept_dir):
+    with pytest.raises(CustomDiffError, match="--reg-dir"):
+        FinetuneConfig(concept_dir, "star", reg="retrieve")
+    with pytest.raises(CustomDiffError, match="even"):
+        FinetuneConfig(concept_dir, "star", batch_size=3)
+    with pytest.raises(CustomDiffError, match="modifier token"):
+        FinetuneConfig(concept_dir, "star", token="new1")
+    assert FinetuneConfig(concept_dir, "star", batch_size=3, reg="none").batch_size == 3
