@@ -6,6 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusi
 from safetensors.torch import load_file
 
 from customdiff import concept, files, finetune, models, toyworld
+from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
 PROMPT = "a <new1> star on a gray background"
@@ -19,7 +20,7 @@ def trained(tiny_pipeline_dir, tmp_path_factory):
     runs = {}
     for mode in ("crossattn_kv", "crossattn"):
         out = tmp_path_factory.mktemp(mode)
-        config = finetune.FinetuneConfig(images, "star", out=out, mode=mode, reg="none", steps=3, lr=1e-2)
+        config = FinetuneConfig(images, "star", out=out, mode=mode, reg="none", steps=3, lr=1e-2)
         pipe = models.load_pipeline(tiny_pipeline_dir)
         finetune.train(config, pipe)
         runs[mode] = pipe, out

@@ -6,8 +6,8 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from customdiff import concept, data, files, finetune, models, toyworld
+from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
-from customdiff.finetune import FinetuneConfig
 
 
 @pytest.fixture(scope="module")

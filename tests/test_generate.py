@@ -41,3 +41,30 @@ def test_generate_bad_input_is_one_line(run_cli, tiny_pipeline_dir, tmp_path):
     assert code == 2 and "not a diffusers pipeline" in err
     code, _, err = run_cli("generate", "-o", tmp_path / "o")
     assert code == 2 and "--prompts" in err
+
+
+def test_train_then_generate_with_the_concept(run_cli, tiny_pipeline_dir, tmp_path):
+    from customdiff import files, toyworld
+
+    images = tmp_path / "starfish"
+    files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    model = ("--model", tiny_pipeline_dir)
+    code, stdout, err = run_cli(
+        "train", "--images", images, "--class-word", "star", *model, "--reg", "none", "--steps", 2,
+        "--batch-size", 2, "-o", tmp_path / "concept",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "concept" / "concept.safetensors").is_file() and "concept.safetensors" in stdout
+    prompt = "a <new1> star on a gray background"
+    runs = {}
+    for name, extra in (("with", ("--concept", tmp_path / "concept")), ("without", ())):
+        out = tmp_path / name
+        code, _, err = run_cli("generate", prompt, "--n", 1, "--steps", 2, *model, *extra, "-o", out)
+        runs[name] = (code, err, out)
+    assert runs["with"][0] == 0
+    assert runs["without"][0] == 2 and '"<new1>"' in runs["without"][1]  # no concept: an unknown word
+
+
+def test_train_needs_images_and_class_word(run_cli, tmp_path):
+    code, _, err = run_cli("train", "--class-word", "star", "-o", tmp_path / "o")
+    assert code == 2 and "--images DIR --class-word" in err

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from customdiff import __version__, files, toyworld
 from customdiff.config import (
     DemoConfig,
+    FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
     PretrainConfig,
@@ -94,12 +95,23 @@ def generate(config: GenerateConfig) -> None:
     prompts = [config.prompt] if config.prompt is not None else sampling.read_prompts(config.prompts)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model)
+    if config.concept is not None:
+        from customdiff.concept import apply_concept
+
+        apply_concept(pipe, config.concept)
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size
     )
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)
     print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {config.out}")
+
+
+def train(config: FinetuneConfig) -> None:
+    from customdiff import finetune
+
+    path = finetune.train(config)
+    print(f"wrote {path}, its diffusers files and run_config.json to {path.parent}")
 
 
 def demo(config: DemoConfig) -> None:
@@ -132,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "judge", JudgeConfig, judge)
     _add_command(commands, "pretrain", PretrainConfig, pretrain)
     _add_command(commands, "generate", GenerateConfig, generate)
+    _add_command(commands, "train", FinetuneConfig, train)
     _add_command(commands, "demo", DemoConfig, demo)
     return parser
 

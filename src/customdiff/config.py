@@ -22,6 +22,7 @@ from customdiff import files, toyworld
 from customdiff.errors import CustomDiffError
 
 CONFIG_FILE_NAME = "run_config.json"
+Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
 
 
 def option(default: Any, help: str, short: str | None = None, metavar: str | None = None) -> Any:
@@ -193,6 +194,7 @@ class GenerateConfig:
     guidance: float = option(6.0, "classifier-free guidance scale")
     seed: int = option(0, "seed of image 0; image i uses seed + i")
     model: Path | None = option(None, "diffusers Stable Diffusion folder (default: the toy model)")
+    concept: Path | None = option(None, "concept.safetensors (or its folder) to apply to the model first")
     batch_size: int = option(16, "images denoised at once")
 
     def __post_init__(self) -> None:
@@ -200,6 +202,65 @@ class GenerateConfig:
             raise CustomDiffError("give a PROMPT or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
             raise CustomDiffError("--n and --steps take positive numbers")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Teach the base model one concept from a few images (Custom Diffusion, single concept)."""
+
+    images: Path | None = option(
+        None, "folder of the concept's images (captions from metadata.jsonl or .txt)", metavar="DIR"
+    )
+    class_word: str | None = option(None, "the concept's class, e.g. cat or star; bare captions use it")
+    out: Path = option(Path("runs/concept"), "folder for concept.safetensors, checkpoints, previews", "-o")
+    model: Path | None = option(
+        None, "base model: a diffusers Stable Diffusion folder (default: the toy model)"
+    )
+    token: str = option("<new1>", "modifier token that names the concept in captions and prompts")
+    initializer: str = option("ktn", "rare word (one token) whose embedding starts the modifier token's")
+    mode: Mode = option(
+        "crossattn_kv",
+        "what trains besides the token: cross-attention K/V (the paper), all of it, the UNet, nothing",
+    )
+    reg: Literal["generate", "retrieve", "none"] = option(
+        "generate",
+        "regularization images: sampled from the base model, retrieved from --reg-dir by CLIP, or none",
+    )
+    reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
+    num_reg: int = option(200, "number of regularization images")
+    steps: int = option(400, "training steps")
+    lr: float = option(2e-4, "learning rate (per image with --scale-lr; the paper: 1e-5 on SD at 512²)")
+    scale_lr: bool = option(True, "multiply --lr by the batch size × processes, as the paper does")
+    batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
+    augment: bool = option(True, "the paper's resize augmentation with loss mask and size prefixes")
+    flip: bool = option(True, "mirror half the images")
+    seed: int = option(0, "random seed: the same seed gives the same concept")
+    checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
+    preview_every: int = option(0, "steps between preview grids in OUT/previews (0: none)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "mixed precision (fp16 or bf16 on GPU)")
+    gradient_checkpointing: bool = option(
+        False, "recompute UNet activations in the backward pass to save memory"
+    )
+    cache_dir: Path | None = option(
+        None, "where generated regularization images are kept (default: ~/.cache/customdiff)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.images is None or self.class_word is None:
+            raise CustomDiffError("give the concept as --images DIR --class-word WORD (e.g. star)")
+        check_token(self.token, "--token")
+        for name in ("steps", "num_reg", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise CustomDiffError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
+        if self.lr <= 0:
+            raise CustomDiffError(f"--lr {self.lr}: pass a positive learning rate")
+        if self.reg == "retrieve" and self.reg_dir is None:
+            raise CustomDiffError("--reg retrieve needs --reg-dir, a captioned image folder to retrieve from")
+        if self.reg != "none" and self.batch_size % 2:
+            raise CustomDiffError(
+                f"--batch-size {self.batch_size}: with regularization half the batch is target images and "
+                "half regularization images; pass an even number"
+            )
 
 
 def check_token(token: str, where: str) -> None:
