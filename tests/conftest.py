@@ -29,9 +29,10 @@ def scene_folder(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
-    """An SD-shaped pipeline with random weights and a few channels, saved as a diffusers folder."""
+    """An SD-shaped pipeline with random weights and a few channels, saved as a diffusers folder with a
+    CLIP model in ``clip/``."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
     from customdiff import models
 
@@ -80,4 +81,11 @@ def tiny_pipeline_dir(tmp_path_factory):
     )
     folder = tmp_path_factory.mktemp("tiny_sd")
     pipe.save_pretrained(folder)
+    clip_config = CLIPConfig(
+        text_config=text_encoder.config.to_dict(),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(clip_config).save_pretrained(folder / "clip")  # as the toy model ships CLIP beside it
     return folder

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from customdiff import __version__, files, toyworld
 from customdiff.config import (
     DemoConfig,
+    EvalConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
@@ -114,6 +115,14 @@ def train(config: FinetuneConfig) -> None:
     print(f"wrote {path}, its diffusers files and run_config.json to {path.parent}")
 
 
+def evaluate(config: EvalConfig) -> None:
+    from customdiff import evaluate as evaluation
+
+    metrics = evaluation.run_eval(config)
+    print(evaluation.markdown_table({config.concept.name: metrics}), end="")
+    print(f"wrote eval.json, eval.md and the samples to {config.out}")
+
+
 def demo(config: DemoConfig) -> None:
     for path, what in run_demo(config):
         print(f"wrote {path}: {what}")
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "pretrain", PretrainConfig, pretrain)
     _add_command(commands, "generate", GenerateConfig, generate)
     _add_command(commands, "train", FinetuneConfig, train)
+    _add_command(commands, "eval", EvalConfig, evaluate)
     _add_command(commands, "demo", DemoConfig, demo)
     return parser
 

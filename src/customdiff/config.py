@@ -263,6 +263,28 @@ class FinetuneConfig:
             )
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Score a concept as the paper does: text and image alignment, forgetting (KID), the toy judge."""
+
+    concept: Path = positional("concept.safetensors (or its folder) to evaluate")
+    out: Path = option(Path("runs/eval"), "folder for eval.json, eval.md and the samples", short="-o")
+    model: Path | None = option(None, "the base model the concept was trained on (default: the toy model)")
+    images: Path | None = option(None, "the concept's images (default: the folder it was trained on)")
+    prompts: Path | None = option(
+        None, "prompts naming the concept, one a line (default: the toy world's prompt kinds)"
+    )
+    clip: Path | None = option(None, "transformers CLIP folder for the metrics (default: MODEL/clip)")
+    n: int = option(4, "samples per prompt")
+    steps: int = option(50, "sampling steps")
+    guidance: float = option(6.0, "classifier-free guidance scale")
+    seed: int = option(0, "seed of sample 0 of each prompt")
+
+    def __post_init__(self) -> None:
+        if self.n < 2 or self.steps < 1:
+            raise CustomDiffError("--n takes 2 or more (KID compares sets), --steps a positive number")
+
+
 def check_token(token: str, where: str) -> None:
     if not toyworld.MODIFIER_TOKEN.match(token):
         raise CustomDiffError(f'{where}: "{token}" is not a modifier token; write it like <new1>')

@@ -1,0 +1,270 @@
+"""Evaluation as in the paper (Kumari et al. 2023, §4 "Evaluation metrics"), plus the toy judge.
+
+- Text alignment (CLIP-T): CLIP similarity of each sample to its prompt with the modifier token taken
+  out ("a <new1> star on a black background" → "a star on a black background"), as the paper scores it.
+- Image alignment (CLIP-I): CLIP similarity of each sample to each of the concept's training images.
+- Forgetting (KID): kernel inception distance (Bińkowski et al. 2018), here on CLIP image features,
+  between base-model and fine-tuned samples of class prompts that hold no modifier token.
+- Toy world: the judge reads each sample: the concept present (its shape with its pattern), the context
+  right (background, and any world object composed with it), and retention: the share of class-prompt
+  samples read fully right, fine-tuned against base.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from customdiff import concept as concepts
+from customdiff import data, files, generate, models, toyjudge, toyworld
+from customdiff.config import EvalConfig, save_config
+from customdiff.errors import CustomDiffError
+
+KID_SUBSET = 100  # samples per KID subset, as torchmetrics' default for small sets
+KID_SUBSETS = 50
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """What a concept is sampled on: prompts naming it, and class prompts without it (forgetting)."""
+
+    concept: tuple[str, ...]
+    classes: tuple[str, ...]
+
+
+def toy_prompts(token: str, class_word: str) -> Prompts:
+    """The paper's prompt kinds in the toy grammar: new contexts, composition, and plain class prompts."""
+    backgrounds = list(toyworld.BACKGROUNDS)
+    others = [shape for shape in toyworld.SHAPES if shape != class_word]
+    new_contexts = [f"a {token} {class_word} on a {background} background" for background in backgrounds]
+    sized = [f"a {size} {token} {class_word} on a {backgrounds[i]} background" for i, size in ((1, "small"),)]
+    composed = [
+        f"a {token} {class_word} and a {color} {others[i % len(others)]} on a {backgrounds[i]} background"
+        for i, color in enumerate(("blue", "red", "yellow", "green"))
+        if toyworld.COLORS[color] != toyworld.BACKGROUNDS[backgrounds[i]]
+    ]
+    classes = [
+        f"a {color} {class_word} on a {background} background"
+        for color, background in (("red", "gray"), ("blue", "white"), ("yellow", "black"), ("green", "sand"))
+    ]
+    return Prompts(tuple(new_contexts + sized + composed), tuple(classes))
+
+
+def prompts_from_file(path: Path, tokens: tuple[str, ...]) -> Prompts:
+    """Prompts naming the concept from a file (one a line); class prompts are those with the tokens out."""
+    lines = generate.read_prompts(path)
+    named = [line for line in lines if any(token in line.split() for token in tokens)]
+    if not named:
+        raise CustomDiffError(f"{path}: no prompt names {' or '.join(tokens)}; write prompts with the token")
+    return Prompts(tuple(named), tuple(data.class_prompts(named, list(tokens))))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+class ClipFeatures:
+    """Normalised CLIP features of images and texts, for the alignment metrics and KID.
+
+    Images go to CLIP as the toy CLIP was trained: RGB in [-1, 1] at its image size, unless the CLIP
+    folder has a ``preprocessor_config.json`` (a real CLIP), whose processor is used instead.
+    """
+
+    def __init__(self, clip_dir: Path, tokenizer):
+        """``tokenizer`` serves when the CLIP folder has none of its own (the toy CLIP shares SD's)."""
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        clip_dir = Path(clip_dir)
+        if not (clip_dir / "config.json").is_file():
+            raise CustomDiffError(f"no CLIP model at {clip_dir}; pass --clip a transformers CLIPModel folder")
+        self.clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+        has_tokenizer = (clip_dir / "tokenizer_config.json").is_file()
+        self.tokenizer = CLIPTokenizer.from_pretrained(clip_dir) if has_tokenizer else tokenizer
+        processor_file = Path(clip_dir) / "preprocessor_config.json"
+        self.processor = CLIPImageProcessor.from_pretrained(clip_dir) if processor_file.is_file() else None
+
+    @torch.no_grad()
+    def images(self, images: list[np.ndarray | Image.Image]) -> torch.Tensor:
+        """(N, D) unit-length image features."""
+        pils = [files.as_pil(image) for image in images]
+        if self.processor is not None:
+            pixels = self.processor(images=pils, return_tensors="pt").pixel_values
+        else:
+            size = self.clip.config.vision_config.image_size
+            pixels = torch.stack([data.to_pixels(data.fit(image, size)) for image in pils])
+        features = torch.cat([models.clip_image_features(self.clip, batch) for batch in pixels.split(64)])
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, D) unit-length text features."""
+        ids = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").input_ids
+        return torch.nn.functional.normalize(models.clip_text_features(self.clip, ids), dim=-1)
+
+
+def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> float:
+    """KID: the unbiased MMD² of a cubic polynomial kernel k(a, b) = (a·b / d + 1)³, averaged over subsets.
+
+    Args:
+        x, y: (N, D) and (M, D) features of the two sample sets.
+    """
+    x, y = x.double(), y.double()
+    size = min(KID_SUBSET, len(x), len(y))
+    if size < 2:
+        raise CustomDiffError("KID needs at least 2 samples a side; pass a larger --n")
+    generator = torch.Generator().manual_seed(seed)
+    estimates = []
+    for _ in range(KID_SUBSETS if size < max(len(x), len(y)) else 1):
+        a = x[torch.randperm(len(x), generator=generator)[:size]]
+        b = y[torch.randperm(len(y), generator=generator)[:size]]
+        k_aa, k_bb, k_ab = ((p @ q.T / x.shape[1] + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
+        off_diagonal = size * (size - 1)
+        mmd = (k_aa.sum() - k_aa.trace()) / off_diagonal + (k_bb.sum() - k_bb.trace()) / off_diagonal
+        estimates.append(float(mmd - 2 * k_ab.mean()))
+    return float(np.mean(estimates))
+
+
+def judge_concept_prompts(
+    images: list[np.ndarray], prompts: list[str], signatures: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """Shares (%) of samples with each concept present, the context right, and both."""
+    present, context, both = [], [], []
+    for image, prompt in zip(images, prompts, strict=True):
+        checks = toyjudge.score(image, prompt, signatures).checks
+        concept_keys = [key for key in checks if key.endswith(".concept")]
+        is_concept = {key.split(".")[0] for key in concept_keys}
+        concept_ok = all(checks[key] and checks[key.replace(".concept", ".shape")] for key in concept_keys)
+        context_keys = [key for key in checks if key != "count" and key.split(".")[0] not in is_concept]
+        context_ok = all(checks[key] for key in context_keys)
+        present.append(concept_ok)
+        context.append(context_ok)
+        both.append(concept_ok and context_ok and checks["count"])
+    return {
+        "judge_concept_present": 100 * float(np.mean(present)),
+        "judge_context_right": 100 * float(np.mean(context)),
+        "judge_all_right": 100 * float(np.mean(both)),
+    }
+
+
+def judge_all_right(images: list[np.ndarray], prompts: list[str]) -> float:
+    """Share (%) of samples the judge reads fully right for their prompt."""
+    pairs = zip(images, prompts, strict=True)
+    right = [toyjudge.score(image, prompt).fraction == 1 for image, prompt in pairs]
+    return 100 * float(np.mean(right))
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def evaluate(
+    pipe,
+    concept: concepts.Concept | Path,
+    target_images: list[Image.Image],
+    clip: ClipFeatures,
+    prompts: Prompts,
+    n: int = 4,
+    steps: int = 50,
+    guidance: float = 6.0,
+    seed: int = 0,
+    samples_dir: Path | None = None,
+) -> dict[str, float]:
+    """Sample base and fine-tuned models on ``prompts`` and compute the paper's metrics (+ the judge's).
+
+    Args:
+        pipe: the base pipeline; the concept is applied for the fine-tuned samples and removed after.
+        target_images: the concept's training images (image alignment, the judge's signature).
+        samples_dir: where to keep the samples as image folders ``finetuned/`` and ``base/`` (optional).
+    Returns:
+        metric name → value; judge metrics only for toy-world prompts and 64×64 samples.
+    """
+    loaded = concept if isinstance(concept, concepts.Concept) else concepts.load_concept(concept)
+    concept_prompts = [p for p in prompts.concept for _ in range(n)]
+    class_prompts = [p for p in prompts.classes for _ in range(n)]
+    base = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
+    applied = concepts.apply_concept(pipe, loaded)
+    try:
+        tuned_concept = generate.sample(pipe, list(prompts.concept), n, steps, guidance, seed)
+        tuned_class = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
+    finally:
+        concepts.remove_concept(pipe, applied)
+    if samples_dir is not None:
+        tuned = zip(tuned_concept + tuned_class, concept_prompts + class_prompts, strict=True)
+        files.write_image_folder(Path(samples_dir) / "finetuned", tuned)
+        files.write_image_folder(Path(samples_dir) / "base", zip(base, class_prompts, strict=True))
+
+    sample_features = clip.images(tuned_concept)
+    stripped = [data.class_prompts([p], list(loaded.tokens))[0] for p in concept_prompts]
+    metrics = {
+        "text_alignment": float((sample_features * clip.texts(stripped)).sum(-1).mean()),
+        "image_alignment": float((sample_features @ clip.images(target_images).T).mean()),
+        "kid_x1000": 1000 * kernel_inception_distance(clip.images(base), clip.images(tuned_class), seed),
+    }
+    toy_sized = tuned_concept[0].shape[:2] == (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
+    if toy_sized and all(is_toy_caption(p) for p in prompts.concept + prompts.classes):
+        signatures = {token: toyjudge.concept_signature(target_images) for token in loaded.tokens}
+        metrics.update(judge_concept_prompts(tuned_concept, concept_prompts, signatures))
+        metrics["judge_class_right_base"] = judge_all_right(base, class_prompts)
+        metrics["judge_class_right_finetuned"] = judge_all_right(tuned_class, class_prompts)
+    return metrics
+
+
+def run_eval(config: EvalConfig) -> dict[str, float]:
+    """``customdiff eval``: sample, score, and write eval.json, eval.md and the samples into OUT."""
+    out = files.prepare_output_dir(config.out)
+    loaded = concepts.load_concept(config.concept)
+    images_dir = config.images or Path(loaded.config.get("images") or "")
+    if not images_dir.is_dir():
+        raise CustomDiffError(
+            f"the concept's images are not at {images_dir or '(unknown)'}; pass --images DIR"
+        )
+    target = [image for _, image, _ in files.read_image_folder(images_dir)]
+    pipe = models.load_pipeline(config.model)
+    if config.prompts is not None:
+        prompts = prompts_from_file(config.prompts, loaded.tokens)
+    else:
+        prompts = toy_prompts(loaded.tokens[0], loaded.class_words[0])
+    clip = ClipFeatures(config.clip or Path(pipe.name_or_path) / "clip", pipe.tokenizer)
+    metrics = evaluate(
+        pipe,
+        loaded,
+        target,
+        clip,
+        prompts,
+        config.n,
+        config.steps,
+        config.guidance,
+        config.seed,
+        out / "samples",
+    )
+    write_report(out, Path(config.concept).name, metrics)
+    save_config(config, out)
+    return metrics
+
+
+def is_toy_caption(prompt: str) -> bool:
+    """Whether a prompt is in the toy grammar, so that the judge can score its samples."""
+    try:
+        toyworld.parse_caption(prompt)
+    except CustomDiffError:
+        return False
+    return True
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """Rows (name → metrics) as a markdown table, one column per metric."""
+    columns = list(dict.fromkeys(key for metrics in rows.values() for key in metrics))
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[c]:.3f}" if c in metrics else "–" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, name: str, metrics: dict[str, float]) -> None:
+    """``eval.json`` and ``eval.md`` in ``out``, written atomically."""
+    files.atomic_write_text(Path(out) / "eval.json", json.dumps(metrics, indent=2) + "\n")
+    files.atomic_write_text(Path(out) / "eval.md", markdown_table({name: metrics}))

@@ -1,0 +1,72 @@
+"""Evaluation: KID behaves as a distance, the toy prompts stay in the grammar, a run writes its report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from customdiff import evaluate, files, finetune, models, toyjudge, toyworld
+from customdiff.config import EvalConfig, FinetuneConfig
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 16, generator=generator), torch.randn(200, 16, generator=generator)
+    same = evaluate.kernel_inception_distance(a, b)
+    shifted = evaluate.kernel_inception_distance(a, b + 1.0)
+    assert abs(same) < 0.02 and shifted > 10 * max(abs(same), 1e-3)
+
+
+def test_toy_prompts_are_captions_of_the_grammar():
+    prompts = evaluate.toy_prompts("<new1>", "star")
+    for prompt in prompts.concept:
+        caption = toyworld.parse_caption(prompt)
+        assert caption.things[0].color == "<new1>" and caption.things[0].shape == "star"
+    assert any(len(toyworld.parse_caption(p).things) == 2 for p in prompts.concept)
+    for prompt in prompts.classes:
+        assert "<new1>" not in prompt and toyworld.parse_caption(prompt).things[0].shape == "star"
+
+
+@pytest.fixture(scope="module")
+def concept_run(tiny_pipeline_dir, tmp_path_factory):
+    images = tmp_path_factory.mktemp("starfish")
+    files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    out = tmp_path_factory.mktemp("concept")
+    config = FinetuneConfig(images, "star", out=out, model=tiny_pipeline_dir, reg="none", steps=2, lr=1e-2)
+    finetune.train(config, models.load_pipeline(tiny_pipeline_dir))
+    return out
+
+
+def test_eval_writes_the_papers_metrics_and_the_judges(run_cli, tiny_pipeline_dir, concept_run, tmp_path):
+    code, out, err = run_cli(
+        "eval", concept_run, "--model", tiny_pipeline_dir, "--n", 2, "--steps", 2, "-o", tmp_path / "eval"
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(metrics) == {"text_alignment", "image_alignment", "kid_x1000"}  # 32×32: no judge
+    assert -1 <= metrics["text_alignment"] <= 1 and -1 <= metrics["image_alignment"] <= 1
+    assert "| text_alignment |" in (tmp_path / "eval" / "eval.md").read_text() or "text_alignment" in out
+    n_samples = 2 * (len(evaluate.toy_prompts("<new1>", "star").concept) + 4)
+    assert len(files.read_image_folder(tmp_path / "eval" / "samples" / "finetuned")) == n_samples
+
+
+def test_eval_bad_input_is_one_line(run_cli, tiny_pipeline_dir, concept_run, tmp_path):
+    code, _, err = run_cli("eval", tmp_path / "nothing.safetensors", "--model", tiny_pipeline_dir)
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("eval", concept_run, "--images", tmp_path / "none", "--model", tiny_pipeline_dir)
+    assert code == 2 and "--images DIR" in err
+    with pytest.raises(Exception, match="--n"):
+        EvalConfig(concept_run, n=1)
+
+
+def test_judge_scores_read_the_concept_and_its_context():
+    starfish = toyworld.get_concept("starfish")
+    rng = np.random.default_rng(0)
+    prompts = list(evaluate.toy_prompts("<new1>", "star").concept)
+    renders = [toyworld.render(toyworld.parse_caption(p), rng, {"<new1>": starfish}) for p in prompts]
+    signatures = {"<new1>": toyjudge.builtin_signature("starfish")}
+    scores = evaluate.judge_concept_prompts(renders, prompts, signatures)
+    assert scores == {"judge_concept_present": 100, "judge_context_right": 100, "judge_all_right": 100}
+    plain = [toyworld.render(toyworld.parse_caption(p.replace("<new1>", "red")), rng) for p in prompts[:6]]
+    assert evaluate.judge_concept_prompts(plain, prompts[:6], signatures)["judge_concept_present"] == 0
