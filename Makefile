@@ -12,8 +12,8 @@ test: $(VENV)/.installed-test
 	$(VENV)/bin/pytest -q
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 # torch first, pinned: 2.13.0 is the CPU wheel on local disk; an unpinned torch pulls GBs of CUDA packages.
 $(VENV)/.torch:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -379,7 +380,7 @@ def train(
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, generator, config)
         unet_step, text_step, optimizer = prepare_modules(accelerator, unet, text_encoder, optimizer)
         bar = tqdm(total=config.steps, initial=step, desc="finetune", dynamic_ncols=True, disable=None)
-        losses = []
+        losses, started = [], time.perf_counter()  # seconds in the log count the loop alone
         while step < config.steps:
             latents, masks, batch_captions = sample_batch(target, reg, config.batch_size, generator)
             with accelerator.autocast():
@@ -397,7 +398,9 @@ def train(
                 continue
             if step % LOG_EVERY == 0:
                 with open(out / "log.jsonl", "a") as log:
-                    log.write(json.dumps({"step": step, "loss": float(np.mean(losses[-LOG_EVERY:]))}) + "\n")
+                    seconds = round(time.perf_counter() - started, 3)
+                    record = {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "seconds": seconds}
+                    log.write(json.dumps(record) + "\n")
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, generator, config)
             if config.preview_every and step % config.preview_every == 0:

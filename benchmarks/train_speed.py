@@ -1,0 +1,136 @@
+"""Fine-tuning speed: customdiff's training step against a straightforward reference loop, same run.
+
+The reference is the diffusers-example way: every step draws fresh augmented views, VAE-encodes the
+target and regularization images again, runs the text encoder on every caption, trains the whole
+token-embedding matrix (other rows' gradients zeroed) in fp32. Ours encodes every frozen input once
+(latent pools, cached text features of token-free captions) and trains only the new rows. Both train
+``crossattn_kv`` with the same batch; each runs in its own process so that its peak memory is its own.
+
+    python benchmarks/train_speed.py [--model PATH] [--steps 60] [--batch-size 4]
+
+Prints s/step of both (the loop alone, set-up excluded), the steps/s ratio, and each process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from customdiff import data, files, finetune, models, toyworld
+from customdiff.config import FinetuneConfig
+
+WARMUP_STEPS = 10  # excluded from the timing: first steps allocate and warm caches
+
+
+def ours(args, images: Path, work: Path) -> float:
+    """s/step of ``finetune.train``, read from its log (the loop alone, after the warm-up steps)."""
+    config = FinetuneConfig(
+        images, args.class_word, out=work / "ours", model=args.model, steps=args.steps,
+        batch_size=args.batch_size, num_reg=args.num_reg, cache_dir=work / "cache",
+    )  # fmt: skip
+    finetune.train(config)
+    log = [json.loads(line) for line in (work / "ours" / "log.jsonl").read_text().splitlines()]
+    first = next(record for record in log if record["step"] >= WARMUP_STEPS)
+    return (log[-1]["seconds"] - first["seconds"]) / (log[-1]["step"] - first["step"])
+
+
+def reference(args, images: Path, work: Path) -> float:
+    """s/step of the reference loop: per-step augmentation, VAE and text encoding, fp32."""
+    pipe = models.load_pipeline(args.model)
+    size = data.resolution(pipe)
+    examples = data.load_examples(images, size, "<new1>", args.class_word)
+    prompts = data.class_prompts([example.caption for example in examples], ["<new1>"])
+    reg_images = data.generated_regularization(pipe, prompts, args.num_reg, work / "cache")
+    (token_id,) = finetune.add_modifier_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"], ["ktn"])
+    pipe.vae.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    embedding = pipe.text_encoder.get_input_embeddings().weight
+    kv = [p for name, p in pipe.unet.named_parameters() if ".attn2.to_k." in name or ".attn2.to_v." in name]
+    for parameter in [embedding, *kv]:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW([embedding, *kv], lr=1e-5)
+    scheduler = models.training_scheduler()
+    rng = np.random.default_rng(0)
+    half = args.batch_size // 2
+    started = 0.0
+    for step in range(args.steps):
+        if step == WARMUP_STEPS:
+            started = time.perf_counter()
+        views = [
+            data.random_view(examples[i], pipe.vae_scale_factor, rng)
+            for i in rng.integers(len(examples), size=half)
+        ]
+        regs = [reg_images[i] for i in rng.integers(len(reg_images), size=half)]
+        pixels = torch.stack(
+            [v.pixels for v in views] + [data.to_pixels(data.fit(im, size)) for im, _ in regs]
+        )
+        masks = torch.stack([v.mask for v in views] + [torch.ones_like(views[0].mask)] * half)[:, None]
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
+        ids = data.tokenize(pipe.tokenizer, [v.caption for v in views] + [caption for _, caption in regs])
+        text = pipe.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
+        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
+        loss = finetune.masked_mse(prediction, noise, masks)
+        loss.backward()
+        keep = torch.zeros(len(embedding), 1)
+        keep[token_id] = 1
+        embedding.grad *= keep
+        torch.nn.utils.clip_grad_norm_([embedding, *kv], 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return (time.perf_counter() - started) / (args.steps - WARMUP_STEPS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="diffusers SD folder (default: toy model)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of each loop")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per step, half regularization")
+    parser.add_argument("--num-reg", type=int, default=16, help="regularization images")
+    parser.add_argument("--concept", default="starfish", help="built-in concept to train")
+    parser.add_argument("--which", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    concept = toyworld.get_concept(args.concept)
+    args.class_word = concept.shape
+
+    if args.which:  # a child process: one loop, then its timing and peak memory as JSON
+        images = args.work / "images"
+        seconds = (ours if args.which == "ours" else reference)(args, images, args.work)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"s_per_step": seconds, "peak_mb": peak_mb}))
+        return
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        files.write_image_folder(work / "images", toyworld.concept_scenes(concept, 6))
+        results = {}
+        for which in ("reference", "ours"):  # the reference fills the shared regularization cache
+            command = [sys.executable, __file__, "--which", which, "--work", str(work)]
+            command += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            command += ["--num-reg", str(args.num_reg), "--concept", args.concept]
+            command += ["--model", str(args.model)] if args.model else []
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[which] = json.loads(output.strip().splitlines()[-1])
+    print("| loop | s/step | steps/s | peak RSS (MB) |\n|---|---|---|---|")
+    for which, result in results.items():
+        seconds, peak = result["s_per_step"], result["peak_mb"]
+        print(f"| {which} | {seconds:.3f} | {1 / seconds:.2f} | {peak:.0f} |")
+    ratio = results["reference"]["s_per_step"] / results["ours"]["s_per_step"]
+    print(f"\nsteps/s ratio, ours / reference: {ratio:.2f}× (batch {args.batch_size}, {args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
