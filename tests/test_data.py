@@ -1,5 +1,7 @@
 """Concept data: captions, the paper's resize augmentation with its mask and prefixes, and the caches."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -147,7 +149,8 @@ def test_regularization_pool_has_full_masks(tiny_pipeline_dir):
 
 
 def test_retrieve_needs_a_clip_model_beside_the_base(tiny_pipeline_dir, tmp_path):
-    pipe = models.load_pipeline(tiny_pipeline_dir)
+    without_clip = shutil.copytree(tiny_pipeline_dir, tmp_path / "sd", ignore=shutil.ignore_patterns("clip"))
+    pipe = models.load_pipeline(without_clip)
     with pytest.raises(CustomDiffError, match="retrieve needs a CLIP model"):
         data.regularization_images("retrieve", pipe, ["a star"], 2, tmp_path, tmp_path)
 
