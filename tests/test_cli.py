@@ -65,6 +65,7 @@ def test_judge_reads_and_scores(run_cli, tmp_path):
     assert code == 0 and "100% right" in out
 
 
+@pytest.mark.slow
 def test_demo_writes_grids_and_folders(run_cli, tmp_path):
     code, out, _ = run_cli("demo", "-o", tmp_path)
     assert code == 0 and demo.NEXT_STEP in out
@@ -72,6 +73,8 @@ def test_demo_writes_grids_and_folders(run_cli, tmp_path):
         "scenes.png",
         "concepts.png",
         "base_model.png",
+        "concept.png",
+        "concept/concept.safetensors",
         config.CONFIG_FILE_NAME,
         "scenes/metadata.jsonl",
     ):

@@ -1,7 +1,9 @@
-"""The demo that ``make demo`` runs: what the toy world looks like, as image folders and labelled grids.
+"""The demo that ``make demo`` runs: the toy world, the toy base model, and one concept taught to it.
 
 It shows the two kinds of data the method works with: captioned scenes (the base model's world, the
-paper's web images) and built-in concepts (the paper's user photos of one particular object).
+paper's web images) and built-in concepts (the paper's user photos of one particular object); then the
+base model's samples, and a concept trained with the paper's defaults beside the base on the paper's
+prompt kinds (new contexts, composition with a world object, the class prompt for forgetting).
 """
 
 from pathlib import Path
@@ -14,7 +16,10 @@ from customdiff.config import DemoConfig, save_config
 SCENES = 16
 SCENE_COLUMNS = 4
 ZOOM = 3  # 64 px tiles are too small to read beside a caption
-NEXT_STEP = "next: teaching the base model a concept (customdiff train) — not built yet"
+NEXT_STEP = "next: teach your own concept with customdiff train --images DIR --class-word WORD (see -h)"
+DEMO_CONCEPT = "starfish"
+DEMO_STEPS = 250
+DEMO_REG_IMAGES = 100
 BASE_PROMPTS = (
     "a small red circle on a gray background",
     "a large blue star on a white background",
@@ -62,23 +67,61 @@ def run_demo(config: DemoConfig) -> list[tuple[Path, str]]:
         (out / "concepts.png", "one row per concept, as it is taught: a <new1> {shape}"),
     ]
     written += base_model_samples(out, config.seed)
+    written += concept_samples(out, config.seed)
     written.append((save_config(config, out), "the settings of this run"))
     return written
 
 
 def base_model_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
     """Samples of the shipped toy base model, each labelled with the judge's verdict."""
-    from customdiff import generate, models, toyjudge
+    from customdiff import generate, models
 
     pipe = models.load_pipeline()
     images = generate.sample(pipe, list(BASE_PROMPTS), n=2, seed=seed, progress=False)
-    labels = []
-    for index, image in enumerate(images):
-        score = toyjudge.score(image, BASE_PROMPTS[index // 2])
-        wrong = [check for check, right in score.checks.items() if not right]
-        labels.append(
-            f"{BASE_PROMPTS[index // 2]} — judge: {'right' if not wrong else 'wrong ' + ', '.join(wrong)}"
-        )
+    labels = [
+        f"{BASE_PROMPTS[index // 2]} — judge: {_verdict(image, BASE_PROMPTS[index // 2])}"
+        for index, image in enumerate(images)
+    ]
     files.save_png(out / "base_model.png", files.image_grid([_zoomed(i) for i in images], 4, labels))
     right = sum(label.endswith("right") for label in labels)
     return [(out / "base_model.png", f"the toy base model's samples, {right}/{len(images)} judged all right")]
+
+
+def _verdict(image, prompt: str, signatures: dict | None = None) -> str:
+    """The judge's word on a sample: "right", or "wrong" and the checks that failed."""
+    from customdiff import toyjudge
+
+    wrong = [check for check, right in toyjudge.score(image, prompt, signatures).checks.items() if not right]
+    return "right" if not wrong else "wrong " + ", ".join(wrong)
+
+
+def concept_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
+    """Train the demo concept (``crossattn_kv``, generated regularization) and grid base vs fine-tuned."""
+    from customdiff import evaluate, finetune, generate, models, toyjudge
+    from customdiff.config import FinetuneConfig
+
+    concept = toyworld.get_concept(DEMO_CONCEPT)
+    prompts = evaluate.toy_prompts("<new1>", concept.shape)
+    tuned_prompts = [*prompts.concept[:2], prompts.concept[-1], prompts.classes[0]]
+    base_prompts = [prompt.replace("<new1> ", "") for prompt in tuned_prompts]
+    pipe = models.load_pipeline()
+    base = generate.sample(pipe, base_prompts, n=2, seed=seed, progress=False)
+    config = FinetuneConfig(
+        out / "concepts" / concept.name, concept.shape, out=out / "concept", steps=DEMO_STEPS,
+        num_reg=DEMO_REG_IMAGES, seed=seed,
+    )  # fmt: skip
+    finetune.train(config, pipe)
+    tuned = generate.sample(pipe, tuned_prompts, n=2, seed=seed, progress=False)
+    signatures = {"<new1>": toyjudge.builtin_signature(concept.name)}
+    tiles, labels = [], []
+    for index in range(len(tuned)):
+        pair = (("base", base[index], base_prompts), ("tuned", tuned[index], tuned_prompts))
+        for who, image, prompt in pair:
+            tiles.append(_zoomed(image))
+            text = prompt[index // 2]
+            labels.append(f"{who}: {text} — judge: {_verdict(image, text, signatures)}")
+    files.save_png(out / "concept.png", files.image_grid(tiles, 4, labels))
+    return [
+        (out / "concept", f"{concept.name} taught as <new1> {concept.shape} ({DEMO_STEPS} steps)"),
+        (out / "concept.png", "base (left of each pair) and fine-tuned samples on the paper's prompt kinds"),
+    ]
