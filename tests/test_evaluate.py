@@ -67,6 +67,8 @@ def test_judge_scores_read_the_concept_and_its_context():
     renders = [toyworld.render(toyworld.parse_caption(p), rng, {"<new1>": starfish}) for p in prompts]
     signatures = {"<new1>": toyjudge.builtin_signature("starfish")}
     scores = evaluate.judge_concept_prompts(renders, prompts, signatures)
-    assert scores == {"judge_concept_present": 100, "judge_context_right": 100, "judge_all_right": 100}
+    assert set(scores.values()) == {100} and len(scores) == 6  # 3 shares × (new context, composed)
     plain = [toyworld.render(toyworld.parse_caption(p.replace("<new1>", "red")), rng) for p in prompts[:6]]
-    assert evaluate.judge_concept_prompts(plain, prompts[:6], signatures)["judge_concept_present"] == 0
+    plain_scores = evaluate.judge_concept_prompts(plain, prompts[:6], signatures)
+    assert plain_scores["judge_new_context_concept_present"] == 0
+    assert plain_scores["judge_new_context_context_right"] == 100

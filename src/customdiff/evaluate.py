@@ -131,22 +131,29 @@ def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -
 def judge_concept_prompts(
     images: list[np.ndarray], prompts: list[str], signatures: dict[str, np.ndarray]
 ) -> dict[str, float]:
-    """Shares (%) of samples with each concept present, the context right, and both."""
-    present, context, both = [], [], []
+    """Shares (%) of samples with the concept present, the context right, and both, per prompt kind.
+
+    Kinds: ``new_context`` (the concept alone in a scene) and ``composed`` (with a world object). The
+    concept is present when its object has the right shape and its pattern; the context is everything
+    else the prompt names (background, the other object's colour and shape).
+    """
+    kinds: dict[str, dict[str, list[bool]]] = {}
     for image, prompt in zip(images, prompts, strict=True):
         checks = toyjudge.score(image, prompt, signatures).checks
         concept_keys = [key for key in checks if key.endswith(".concept")]
-        is_concept = {key.split(".")[0] for key in concept_keys}
+        concept_objects = {key.split(".")[0] for key in concept_keys}
         concept_ok = all(checks[key] and checks[key.replace(".concept", ".shape")] for key in concept_keys)
-        context_keys = [key for key in checks if key != "count" and key.split(".")[0] not in is_concept]
+        context_keys = [key for key in checks if key != "count" and key.split(".")[0] not in concept_objects]
         context_ok = all(checks[key] for key in context_keys)
-        present.append(concept_ok)
-        context.append(context_ok)
-        both.append(concept_ok and context_ok and checks["count"])
+        kind = "new_context" if len(toyworld.parse_caption(prompt).things) == 1 else "composed"
+        shares = kinds.setdefault(kind, {"concept_present": [], "context_right": [], "all_right": []})
+        shares["concept_present"].append(concept_ok)
+        shares["context_right"].append(context_ok)
+        shares["all_right"].append(concept_ok and context_ok and checks["count"])
     return {
-        "judge_concept_present": 100 * float(np.mean(present)),
-        "judge_context_right": 100 * float(np.mean(context)),
-        "judge_all_right": 100 * float(np.mean(both)),
+        f"judge_{kind}_{name}": 100 * float(np.mean(values))
+        for kind, shares in kinds.items()
+        for name, values in shares.items()
     }
 
 
