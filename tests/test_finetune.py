@@ -1,5 +1,8 @@
 """Fine-tuning: exactly the mode's parameters train, every new token's row trains, runs resume exactly."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -176,7 +179,7 @@ def test_a_resumed_run_ends_where_a_straight_run_ends(tiny_pipeline_dir, concept
         models.load_pipeline(tiny_pipeline_dir),
     )
     assert (
-        torch.load(resumed_dir / finetune.CHECKPOINT_FILE, weights_only=False)["step"] == 3
+        torch.load(resumed_dir / finetune.CHECKPOINT_FILE, weights_only=True)["step"] == 3
     )  # "killed" here
     resumed = finetune.train(
         config_for(concept_dir, resumed_dir, **settings), models.load_pipeline(tiny_pipeline_dir)
@@ -218,3 +221,18 @@ def test_config_rejects_inconsistent_flags(concept_dir):
     with pytest.raises(CustomDiffError, match="modifier token"):
         FinetuneConfig(concept_dir, "star", token="new1")
     assert FinetuneConfig(concept_dir, "star", batch_size=3, reg="none").batch_size == 3
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_one_concept(tiny_pipeline_dir, concept_dir, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    train = ["-m", "customdiff", "train", "--images", concept_dir, "--class-word", "star"]
+    train += ["--model", tiny_pipeline_dir, "--reg", "none", "--steps", "3", "--batch-size", "2"]
+    result = subprocess.run(
+        [*launch, *map(str, train), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = concept.load_concept(tmp_path / "out")
+    assert trained.config["batch_size"] == 2
+    assert all(delta.abs().sum() > 0 for delta in trained.deltas.values())

@@ -247,17 +247,15 @@ def _resumable(config: FinetuneConfig) -> dict:
     return {k: str(v) for k, v in dataclasses.asdict(config).items() if k not in RESUME_MAY_CHANGE}
 
 
-def save_checkpoint(
-    path: Path, step: int, parameters: dict, optimizer, generator, config: FinetuneConfig
-) -> None:
-    """The trainable tensors, optimizer state, step and RNG state, written atomically.
+def save_checkpoint(path: Path, step: int, parameters: dict, optimizer, config: FinetuneConfig) -> None:
+    """The trainable tensors, optimizer state and step, written atomically (each step seeds its own
+    randomness, so there is no RNG state to keep).
 
     Small by design (not ``accelerator.save_state``, which would save the whole UNet each time).
     """
     state = {
         "step": step,
         "config": _resumable(config),
-        "rng": generator.get_state(),
         "optimizer": optimizer.state_dict(),
         "parameters": {name: p.detach().cpu() for name, p in parameters.items()},
     }
@@ -265,7 +263,7 @@ def save_checkpoint(
         torch.save(state, temporary)
 
 
-def load_checkpoint(path: Path, parameters: dict, optimizer, generator, config: FinetuneConfig) -> int:
+def load_checkpoint(path: Path, parameters: dict, optimizer, config: FinetuneConfig) -> int:
     """Restore a checkpoint written by ``save_checkpoint``; returns its step (0 when there is none)."""
     if not path.is_file():
         return 0
@@ -280,7 +278,6 @@ def load_checkpoint(path: Path, parameters: dict, optimizer, generator, config: 
         for name, parameter in parameters.items():
             parameter.copy_(state["parameters"][name])
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["rng"])
     return state["step"]
 
 
@@ -356,7 +353,8 @@ def train(
     set_seed(config.seed)
     pipe.to(accelerator.device)
     base_hash = models.model_hash(pipe)
-    captions, target, reg = prepare_data(config, pipe)
+    with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
+        captions, target, reg = prepare_data(config, pipe)
     prompts = list(dict.fromkeys(captions))[:3] + data.class_prompts(captions, [config.token])[:1]
     preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
@@ -364,7 +362,6 @@ def train(
     for module in (pipe.vae, unet, text_encoder):
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(config.seed)
     text_cache: dict[str, torch.Tensor] = {}
     with (
         new_token_rows(text_encoder, len(token_ids)) as embedding,
@@ -377,11 +374,20 @@ def train(
             parameter.requires_grad_(True)
         lr = config.lr * (config.batch_size * accelerator.num_processes if config.scale_lr else 1)
         optimizer = torch.optim.AdamW(parameters.values(), lr=lr)
-        step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, generator, config)
+        step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
         unet_step, text_step, optimizer = prepare_modules(accelerator, unet, text_encoder, optimizer)
-        bar = tqdm(total=config.steps, initial=step, desc="finetune", dynamic_ncols=True, disable=None)
+        bar = tqdm(
+            total=config.steps,
+            initial=step,
+            desc="finetune",
+            dynamic_ncols=True,
+            disable=None if accelerator.is_main_process else True,
+        )
         losses, started = [], time.perf_counter()  # seconds in the log count the loop alone
         while step < config.steps:
+            # batches, noise and timesteps from (seed, process, step): a resumed run draws what an
+            # uninterrupted one would, and each process of a multi-process run draws its own
+            generator = torch.Generator().manual_seed(hash((config.seed, accelerator.process_index, step)))
             latents, masks, batch_captions = sample_batch(target, reg, config.batch_size, generator)
             with accelerator.autocast():
                 text = data.encode_captions(tokenizer, text_step, batch_captions, embedding.first, text_cache)
@@ -402,7 +408,7 @@ def train(
                     record = {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "seconds": seconds}
                     log.write(json.dumps(record) + "\n")
             if step % config.checkpoint_every == 0:
-                save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, generator, config)
+                save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
             if config.preview_every and step % config.preview_every == 0:
                 preview(step, pipe)
         bar.close()
@@ -418,5 +424,9 @@ def train(
         )
     for module in (unet, text_encoder):
         module.requires_grad_(False).eval()
-    save_config(config, out)
-    return concept.save_concept(out, result, unet)
+    path = out / concept.CONCEPT_FILE
+    if accelerator.is_main_process:
+        save_config(config, out)
+        concept.save_concept(out, result, unet)
+    accelerator.wait_for_everyone()
+    return path
