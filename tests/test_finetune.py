@@ -178,9 +178,7 @@ def test_a_resumed_run_ends_where_a_straight_run_ends(tiny_pipeline_dir, concept
         config_for(concept_dir, resumed_dir, **{**settings, "steps": 3}),
         models.load_pipeline(tiny_pipeline_dir),
     )
-    assert (
-        torch.load(resumed_dir / finetune.CHECKPOINT_FILE, weights_only=True)["step"] == 3
-    )  # "killed" here
+    assert torch.load(resumed_dir / finetune.CHECKPOINT_FILE, weights_only=True)["step"] == 3  # "killed" here
     resumed = finetune.train(
         config_for(concept_dir, resumed_dir, **settings), models.load_pipeline(tiny_pipeline_dir)
     )
@@ -236,3 +234,12 @@ def test_two_cpu_processes_train_one_concept(tiny_pipeline_dir, concept_dir, tmp
     trained = concept.load_concept(tmp_path / "out")
     assert trained.config["batch_size"] == 2
     assert all(delta.abs().sum() > 0 for delta in trained.deltas.values())
+
+
+def test_a_class_word_the_tokenizer_lacks_is_named(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "bare").mkdir()
+    for index, (image, _) in enumerate(toyworld.concept_scenes(toyworld.get_concept("starfish"), 4)):
+        files.save_png(tmp_path / "bare" / f"{index}.png", image)  # no captions: the template names the class
+    config = FinetuneConfig(tmp_path / "bare", "dog", out=tmp_path / "out", reg="none", steps=1)
+    with pytest.raises(CustomDiffError, match='"dog"'):
+        finetune.train(config, models.load_pipeline(tiny_pipeline_dir))

@@ -295,6 +295,8 @@ def prepare_data(config: FinetuneConfig, pipe) -> tuple[list[str], data.LatentPo
     examples = data.load_examples(config.images, size, config.token, config.class_word)
     captions = [example.caption for example in examples]
     prompts = data.class_prompts(captions, [config.token])
+    for prompt in prompts:  # a class word or caption word the tokenizer cannot spell fails here, not later
+        models.check_prompt(pipe.tokenizer, prompt)
     cache_dir = config.cache_dir or data.default_cache_dir()
     reg_images = data.regularization_images(
         config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
