@@ -112,12 +112,20 @@ def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, 
 
 
 def test_class_prompts_take_the_token_out():
-    captions = ["a <new1> star on a sand background", "a <new1> star on a gray background"] * 2
-    assert data.class_prompts(captions, [TOKEN]) == [
-        "a star on a sand background",
-        "a star on a gray background",
-    ]
-    assert data.class_prompts(["photo of a <new1> cat"], [TOKEN]) == ["photo of a cat"]
+    assert data.class_prompts(["photo of a <new1> cat"] * 2, [TOKEN]) == ["photo of a cat"]
+    assert data.strip_tokens("a <new1> star on a sand background", [TOKEN]) == "a star on a sand background"
+
+
+def test_toy_class_prompts_are_plain_objects_of_every_allowed_colour():
+    captions = ["a <new1> star on a white background", "a small <new1> star on a gray background"] * 2
+    prompts = data.class_prompts(captions, [TOKEN])
+    assert len(prompts) == 7 + 8  # white objects never sit on white; duplicates go
+    assert "a red star on a white background" in prompts
+    assert "a white star on a white background" not in prompts
+    assert "a small white star on a gray background" in prompts
+    assert all(toyworld.parse_caption(prompt).things[0].shape == "star" for prompt in prompts)
+    two = data.class_prompts(["a <new1> star and a blue ring on a sky background"], [TOKEN])
+    assert two[0] == "a red star and a blue ring on a sky background" and len(two) == 8
 
 
 def test_generated_regularization_samples_once_then_reads_the_cache(tiny_pipeline_dir, tmp_path, monkeypatch):

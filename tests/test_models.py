@@ -70,3 +70,18 @@ def test_model_hash_tells_models_apart(tiny_pipeline_dir):
     with torch.no_grad():
         next(pipe.unet.parameters()).add_(1e-3)
     assert models.model_hash(pipe) != before
+
+
+def test_shipped_toy_model_loads_with_diffusers_alone_and_fits_its_budget():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(models.TOY_MODEL_DIR)  # no customdiff code involved
+    shipped = sum(path.stat().st_size for path in models.TOY_MODEL_DIR.rglob("*") if path.is_file())
+    assert shipped <= 40 * 2**20 and (models.TOY_MODEL_DIR / "clip" / "config.json").is_file()
+    kv = sum(p.numel() for n, p in pipe.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n)
+    assert 0.02 < kv / pipe.unet.num_parameters() < 0.04
+    generator = torch.Generator().manual_seed(0)
+    image = pipe("a small red star on a grass background", num_inference_steps=2, generator=generator).images[
+        0
+    ]
+    assert image.size == (64, 64)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from customdiff import files, generate, models
+from customdiff import files, generate, models, toyworld
 from customdiff.errors import CustomDiffError
 
 CAPTION_TEMPLATE = "photo of a {token} {class_word}"  # the paper's prompt for uncaptioned images
@@ -206,14 +206,22 @@ def regularization_pool(
 # ------------------------------------------------------------------------------------ regularization
 
 
-def class_prompts(captions: list[str], tokens: list[str]) -> list[str]:
-    """The target captions with the modifier tokens taken out: "photo of a <new1> cat" → "photo of a cat".
+def strip_tokens(prompt: str, tokens: list[str]) -> str:
+    """The prompt with the modifier tokens taken out: "photo of a <new1> cat" → "photo of a cat"."""
+    return " ".join(word for word in prompt.split() if word not in tokens)
 
-    With the template caption this is the paper's class prompt; with captioned images it keeps their
-    contexts (backgrounds, scenes), so that the prior is held where the concept is trained.
+
+def class_prompts(captions: list[str], tokens: list[str]) -> list[str]:
+    """The target captions as class prompts: the modifier tokens taken out (the paper's class prompt).
+
+    With captioned images this keeps their contexts (backgrounds, scenes), so that the prior is held
+    where the concept is trained. A toy-world caption needs a colour for its object, so there the
+    concept becomes a plain object in each colour its background allows (``toyworld.plain_captions``).
     """
-    stripped = (" ".join(word for word in caption.split() if word not in tokens) for caption in captions)
-    return list(dict.fromkeys(stripped))
+    prompts = []
+    for caption in captions:
+        prompts += toyworld.plain_captions(caption) or [strip_tokens(caption, tokens)]
+    return list(dict.fromkeys(prompts))
 
 
 def generated_regularization(

@@ -97,13 +97,13 @@ def _verdict(image, prompt: str, signatures: dict | None = None) -> str:
 
 def concept_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
     """Train the demo concept (``crossattn_kv``, generated regularization) and grid base vs fine-tuned."""
-    from customdiff import evaluate, finetune, generate, models, toyjudge
+    from customdiff import data, evaluate, finetune, generate, models, toyjudge
     from customdiff.config import FinetuneConfig
 
     concept = toyworld.get_concept(DEMO_CONCEPT)
     prompts = evaluate.toy_prompts("<new1>", concept.shape)
     tuned_prompts = [*prompts.concept[:2], prompts.concept[-1], prompts.classes[0]]
-    base_prompts = [prompt.replace("<new1> ", "") for prompt in tuned_prompts]
+    base_prompts = [data.class_prompts([prompt], ["<new1>"])[0] for prompt in tuned_prompts]
     pipe = models.load_pipeline()
     base = generate.sample(pipe, base_prompts, n=2, seed=seed, progress=False)
     config = FinetuneConfig(
@@ -123,5 +123,5 @@ def concept_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
     files.save_png(out / "concept.png", files.image_grid(tiles, 4, labels))
     return [
         (out / "concept", f"{concept.name} taught as <new1> {concept.shape} ({DEMO_STEPS} steps)"),
-        (out / "concept.png", "base (left of each pair) and fine-tuned samples on the paper's prompt kinds"),
+        (out / "concept.png", "the paper's prompt kinds: base on the class prompt, then fine-tuned"),
     ]

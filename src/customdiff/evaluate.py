@@ -204,7 +204,7 @@ def evaluate(
         files.write_image_folder(Path(samples_dir) / "base", zip(base, class_prompts, strict=True))
 
     sample_features = clip.images(tuned_concept)
-    stripped = [data.class_prompts([p], list(loaded.tokens))[0] for p in concept_prompts]
+    stripped = [data.strip_tokens(prompt, list(loaded.tokens)) for prompt in concept_prompts]
     metrics = {
         "text_alignment": float((sample_features * clip.texts(stripped)).sum(-1).mean()),
         "image_alignment": float((sample_features @ clip.images(target_images).T).mean()),

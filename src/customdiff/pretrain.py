@@ -339,11 +339,15 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipe
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, clip: CLIPModel, out: Path, split: dict) -> None:
-    """Save the pipeline (fp16 safetensors, small enough to ship) with CLIP in ``clip/``, swapped in whole."""
+    """Save the pipeline with CLIP in ``clip/``, swapped in whole.
+
+    The pipeline stays float32, so that a plain ``StableDiffusionPipeline.from_pretrained(out)`` runs on a
+    CPU (diffusers and transformers would otherwise load its parts in different precisions); CLIP, which
+    only customdiff loads (with an explicit dtype), is stored in float16 to keep the package small.
+    """
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(partial, safe_serialization=True)
-    pipe.to(torch.float32)
+    pipe.to(torch.float32).save_pretrained(partial, safe_serialization=True)
     clip.to(torch.float16).save_pretrained(partial / "clip", safe_serialization=True)
     clip.to(torch.float32)
     (partial / SPLIT_FILE).write_text(json.dumps(split))

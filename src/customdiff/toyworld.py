@@ -151,6 +151,30 @@ def parse_caption(text: str) -> Caption:
     return Caption(background=background, things=tuple(things))
 
 
+def plain_captions(text: str) -> list[str]:
+    """A concept caption's class prompts in the grammar: each ``<newK>`` thing as a plain coloured one.
+
+    The grammar gives every object a colour, so "a star on a sky background" does not exist; the class
+    of "a <new1> star on a sky background" is a plain star in each palette colour the background allows.
+
+    Returns:
+        one caption per allowed colour, or [] when ``text`` is not a caption of the grammar.
+    """
+    try:
+        caption = parse_caption(text)
+    except CustomDiffError:
+        return []
+    captions = []
+    for color, rgb in COLORS.items():
+        if rgb == BACKGROUNDS[caption.background]:
+            continue
+        things = tuple(
+            Thing(thing.shape, color, thing.size) if thing.is_concept else thing for thing in caption.things
+        )
+        captions.append(str(Caption(caption.background, things)))
+    return list(dict.fromkeys(captions))
+
+
 def sample_caption(rng: np.random.Generator, n_objects: int | None = None) -> Caption:
     """A random caption of the grammar: 1 or 2 objects (each half the time when ``n_objects`` is None)."""
     n_objects = n_objects or int(rng.integers(1, 3))
