@@ -5,6 +5,7 @@ bug and keeps its traceback.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, 2 for a problem the user can fix, 130 on Ctrl-C)."""
+    # transformers warns on import that torchvision is missing, which customdiff never needs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
         config_class, handler = args.command
