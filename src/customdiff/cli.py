@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from customdiff import __version__, files, toyworld
 from customdiff.config import (
+    CompressConfig,
     DemoConfig,
     EvalConfig,
     FinetuneConfig,
@@ -124,6 +125,19 @@ def evaluate(config: EvalConfig) -> None:
     print(f"wrote eval.json, eval.md and the samples to {config.out}")
 
 
+def compress(config: CompressConfig) -> None:
+    from customdiff import compress as compression
+    from customdiff import concept
+
+    original = concept.load_concept(config.concept)
+    compressed = compression.compress_concept(original, config.rank, config.energy)
+    path = concept.save_concept(config.out, compressed)
+    save_config(config, config.out)
+    source = config.concept / concept.CONCEPT_FILE if config.concept.is_dir() else config.concept
+    before, after = source.stat().st_size / 2**20, path.stat().st_size / 2**20
+    print(f"wrote {path}: {after:.2f} MB (from {before:.2f} MB)")
+
+
 def demo(config: DemoConfig) -> None:
     for path, what in run_demo(config):
         print(f"wrote {path}: {what}")
@@ -156,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "generate", GenerateConfig, generate)
     _add_command(commands, "train", FinetuneConfig, train)
     _add_command(commands, "eval", EvalConfig, evaluate)
+    _add_command(commands, "compress", CompressConfig, compress)
     _add_command(commands, "demo", DemoConfig, demo)
     return parser
 

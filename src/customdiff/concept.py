@@ -32,6 +32,7 @@ DIFFUSERS_ATTN_FILE = (
 )
 FORMAT = "customdiff-concept-1"
 TOKEN_EMBEDDINGS = "token_embeddings"
+UP, DOWN = ".up", ".down"  # suffixes of a low-rank delta's factors in the file
 # diffusers' CustomDiffusionAttnProcessor names for each trained attn2 projection
 DIFFUSERS_NAMES = {
     "to_k.weight": "to_k_custom_diffusion.weight",
@@ -47,7 +48,9 @@ class Concept:
     """A fine-tuned concept relative to its base model.
 
     token_embeddings: (tokens, dim), one row per modifier token. deltas: "unet.<parameter>" → fine-tuned
-    minus base value, for each UNet tensor the mode trained.
+    minus base value, for each UNet tensor the mode trained. factors: for deltas kept in low rank
+    (``compress.py``), name → (up (out, r), down (r, in)) with ``deltas[name] == up @ down``; the file
+    then stores the factors alone.
     """
 
     base_hash: str
@@ -58,6 +61,7 @@ class Concept:
     token_embeddings: torch.Tensor
     deltas: dict[str, torch.Tensor]
     config: dict = field(default_factory=dict)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def save_concept(out_dir: Path, concept: Concept, unet=None) -> Path:
@@ -70,7 +74,12 @@ def save_concept(out_dir: Path, concept: Concept, unet=None) -> Path:
         the path of ``concept.safetensors``.
     """
     out_dir = files.prepare_output_dir(out_dir)
-    tensors = {TOKEN_EMBEDDINGS: concept.token_embeddings, **concept.deltas}
+    tensors = {TOKEN_EMBEDDINGS: concept.token_embeddings}
+    for name, delta in concept.deltas.items():
+        if name in concept.factors:
+            tensors[f"{name}{UP}"], tensors[f"{name}{DOWN}"] = concept.factors[name]
+        else:
+            tensors[name] = delta
     metadata = {
         "format": FORMAT,
         "base_model_hash": concept.base_hash,
@@ -141,15 +150,22 @@ def load_concept(path: Path) -> Concept:
         raise CustomDiffError(
             f"{path} is not a customdiff concept file; pass the concept.safetensors a finetune wrote"
         )
+    token_embeddings = tensors.pop(TOKEN_EMBEDDINGS)
+    factors = {
+        name.removesuffix(UP): (tensors.pop(name), tensors.pop(name.removesuffix(UP) + DOWN))
+        for name in [name for name in tensors if name.endswith(UP)]
+    }
+    deltas = {**tensors, **{name: up.float() @ down.float() for name, (up, down) in factors.items()}}
     return Concept(
         base_hash=metadata["base_model_hash"],
         mode=metadata["mode"],
         tokens=tuple(json.loads(metadata["tokens"])),
         class_words=tuple(json.loads(metadata["class_words"])),
         initializers=tuple(json.loads(metadata["initializers"])),
-        token_embeddings=tensors.pop(TOKEN_EMBEDDINGS),
-        deltas=tensors,
+        token_embeddings=token_embeddings,
+        deltas=deltas,
         config=json.loads(metadata["config"]),
+        factors=factors,
     )
 
 

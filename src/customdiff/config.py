@@ -285,6 +285,22 @@ class EvalConfig:
             raise CustomDiffError("--n takes 2 or more (KID compares sets), --steps a positive number")
 
 
+@dataclass(frozen=True)
+class CompressConfig:
+    """Keep a concept's weight deltas in low rank (SVD) for a smaller file (the paper's compression)."""
+
+    concept: Path = positional("concept.safetensors (or its folder) to compress")
+    out: Path = option(Path("runs/compressed"), "folder for the compressed concept.safetensors", short="-o")
+    rank: int | None = option(None, "keep this many singular values of each delta")
+    energy: float | None = option(
+        None, "keep the fewest singular values whose sum reaches this share of all (the paper: 0.6)"
+    )
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise CustomDiffError("give --rank R or --energy E (one of them)")
+
+
 def check_token(token: str, where: str) -> None:
     if not toyworld.MODIFIER_TOKEN.match(token):
         raise CustomDiffError(f'{where}: "{token}" is not a modifier token; write it like <new1>')
