@@ -42,7 +42,7 @@ def toy_prompts(token: str, class_word: str) -> Prompts:
     backgrounds = list(toyworld.BACKGROUNDS)
     others = [shape for shape in toyworld.SHAPES if shape != class_word]
     new_contexts = [f"a {token} {class_word} on a {background} background" for background in backgrounds]
-    sized = [f"a {size} {token} {class_word} on a {backgrounds[i]} background" for i, size in ((1, "small"),)]
+    sized = [f"a small {token} {class_word} on a {backgrounds[1]} background"]
     composed = [
         f"a {token} {class_word} and a {color} {others[i % len(others)]} on a {backgrounds[i]} background"
         for i, color in enumerate(("blue", "red", "yellow", "green"))
@@ -232,8 +232,13 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
     pipe = models.load_pipeline(config.model)
     if config.prompts is not None:
         prompts = prompts_from_file(config.prompts, loaded.tokens)
-    else:
+    elif loaded.class_words[0] in toyworld.SHAPES:
         prompts = toy_prompts(loaded.tokens[0], loaded.class_words[0])
+    else:
+        raise CustomDiffError(
+            f'the class "{loaded.class_words[0]}" is no toy-world shape; pass --prompts FILE with prompts '
+            f"that name {loaded.tokens[0]}"
+        )
     clip = ClipFeatures(config.clip or Path(pipe.name_or_path) / "clip", pipe.tokenizer)
     metrics = evaluate(
         pipe,
