@@ -229,7 +229,7 @@ class FinetuneConfig:
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
     num_reg: int = option(200, "number of regularization images")
     steps: int = option(400, "training steps")
-    lr: float = option(2e-4, "learning rate (per image with --scale-lr; the paper: 1e-5 on SD at 512²)")
+    lr: float = option(1e-5, "learning rate per image with --scale-lr (the paper's 1e-5)")
     scale_lr: bool = option(True, "multiply --lr by the batch size × processes, as the paper does")
     batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
     augment: bool = option(True, "the paper's resize augmentation with loss mask and size prefixes")

@@ -79,7 +79,7 @@ def base_model_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
     pipe = models.load_pipeline()
     images = generate.sample(pipe, list(BASE_PROMPTS), n=2, seed=seed, progress=False)
     labels = [
-        f"{BASE_PROMPTS[index // 2]} — judge: {_verdict(image, BASE_PROMPTS[index // 2])}"
+        f"{BASE_PROMPTS[index // 2]} | judge: {_verdict(image, BASE_PROMPTS[index // 2])}"
         for index, image in enumerate(images)
     ]
     files.save_png(out / "base_model.png", files.image_grid([_zoomed(i) for i in images], 4, labels))
@@ -119,7 +119,7 @@ def concept_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
         for who, image, prompt in pair:
             tiles.append(_zoomed(image))
             text = prompt[index // 2]
-            labels.append(f"{who}: {text} — judge: {_verdict(image, text, signatures)}")
+            labels.append(f"{who}: {text} | judge: {_verdict(image, text, signatures)}")
     files.save_png(out / "concept.png", files.image_grid(tiles, 4, labels))
     return [
         (out / "concept", f"{concept.name} taught as <new1> {concept.shape} ({DEMO_STEPS} steps)"),
