@@ -133,8 +133,8 @@ def compress(config: CompressConfig) -> None:
     compressed = compression.compress_concept(original, config.rank, config.energy)
     path = concept.save_concept(config.out, compressed)
     save_config(config, config.out)
-    source = config.concept / concept.CONCEPT_FILE if config.concept.is_dir() else config.concept
-    before, after = source.stat().st_size / 2**20, path.stat().st_size / 2**20
+    before = concept.concept_file(config.concept).stat().st_size / 2**20
+    after = path.stat().st_size / 2**20
     print(f"wrote {path}: {after:.2f} MB (from {before:.2f} MB)")
 
 

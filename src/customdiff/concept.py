@@ -126,14 +126,19 @@ def diffusers_attn_state(unet, mode: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def concept_file(path: Path) -> Path:
+    """The concept file a path names: the path itself, or the ``concept.safetensors`` in a folder."""
+    path = Path(path)
+    return path / CONCEPT_FILE if path.is_dir() else path
+
+
 def load_concept(path: Path) -> Concept:
     """Read a concept file (or the ``concept.safetensors`` in a folder).
 
     Raises:
         CustomDiffError: the file is missing, unreadable, or not a customdiff concept.
     """
-    path = Path(path)
-    path = path / CONCEPT_FILE if path.is_dir() else path
+    path = concept_file(path)
     if not path.is_file():
         raise CustomDiffError(
             f"concept file {path} does not exist; pass the concept.safetensors a finetune wrote"
