@@ -48,7 +48,7 @@ def run_one(pipe, clip, images: Path, shape: str, mode: str, args, work: Path) -
     targets = [image for _, image, _ in files.read_image_folder(images)]
     prompts = evaluate.toy_prompts(("<new1>",), (shape,))
     metrics = evaluate.evaluate(
-        pipe, loaded, {"<new1>": targets}, clip, prompts, args.n, args.steps_sampling, seed=args.seed
+        pipe, loaded, {"<new1>": targets}, clip, prompts, args.n, args.sampling_steps, seed=args.seed
     )
     metrics["class_drop"] = metrics["judge_class_right_base"] - metrics["judge_class_right_finetuned"]
     metrics["trainable_params"] = loaded.token_embeddings.numel() + sum(
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=250, help="training steps of every run")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--steps-sampling", type=int, default=50, help="sampling steps")
+    parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
