@@ -276,8 +276,11 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     assert joint.tokens == ("<new1>", "<new2>") and joint.class_words == ("star", "ring")
     assert {caption.split()[1] for caption in joint.captions} == {"<new1>", "<new2>"}
     pipe = models.load_pipeline(tiny_pipeline_dir)
-    initial = pipe.text_encoder.get_input_embeddings().weight[word_id(pipe.tokenizer, "ktn")]
-    assert all(not torch.equal(row, initial) for row in joint.token_embeddings)  # every token trained
+    assert joint.initializers == ("ktn", "sks")  # tokens start apart by default (their merge is sound)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    initial = [weight[word_id(pipe.tokenizer, word)] for word in joint.initializers]
+    trained = zip(joint.token_embeddings, initial, strict=True)
+    assert all(not torch.equal(row, start) for row, start in trained)  # every token's row trains
     assert (tmp_path / "joint" / "<new2>.safetensors").is_file()
 
     listing = tmp_path / "concepts.json"

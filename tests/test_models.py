@@ -21,6 +21,13 @@ def test_toy_tokenizer_spells_every_word_as_one_token_and_takes_new_tokens():
     assert not set(models.RARE_TOKENS) & set(captions.split())  # free to initialise modifier tokens
 
 
+def test_default_initializers_differ_per_token_and_are_one_token_each():
+    tokenizer = models.build_toy_tokenizer()
+    words = [models.default_initializer(tokenizer, f"<new{n}>") for n in range(1, 4)]
+    assert words == ["ktn", "sks", "zwx"]  # the paper's pll, ucd are no toy words: skipped
+    assert models.default_initializer(tokenizer, "<mymug>") == "ktn"
+
+
 def test_toy_unet_keeps_about_three_percent_in_cross_attention_kv():
     unet = models.toy_unet(cross_attention_dim=128)
     total = sum(p.numel() for p in unet.parameters())

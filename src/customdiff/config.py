@@ -213,7 +213,7 @@ class ConceptSpec:
     images: Path
     class_word: str
     token: str
-    initializer: str
+    initializer: str | None  # None: models.default_initializer picks one for the token
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,11 @@ class FinetuneConfig:
         None, "base model: a diffusers Stable Diffusion folder (default: the toy model)"
     )
     token: str = option("<new1>", "modifier token that names the concept in captions and prompts")
-    initializer: str = option("ktn", "rare word (one token) whose embedding starts the modifier token's")
+    initializer: str | None = option(
+        None,
+        "rare word (one token) whose embedding starts the modifier token's (default: one per token, "
+        "<new1> ktn, <new2> pll or sks, …, so that concepts trained apart start apart and merge well)",
+    )
     mode: Mode = option(
         "crossattn_kv",
         "what trains besides the token: cross-attention K/V (the paper), all of it, the UNet, nothing",
@@ -310,7 +314,7 @@ class FinetuneConfig:
         return read_concepts_list(self.concepts_list, self.initializer)
 
 
-def read_concepts_list(path: Path, initializer: str) -> list[ConceptSpec]:
+def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]:
     """The concepts of a ``--concepts-list`` JSON file (a list of objects)."""
     try:
         entries = json.loads(Path(path).read_text())

@@ -371,7 +371,8 @@ def train(
     prompts += data.class_prompts(captions[0], tokens)[:1]
     preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    token_ids = add_modifier_tokens(tokenizer, text_encoder, tokens, [spec.initializer for spec in specs])
+    initializers = [spec.initializer or models.default_initializer(tokenizer, spec.token) for spec in specs]
+    token_ids = add_modifier_tokens(tokenizer, text_encoder, tokens, initializers)
     for module in (pipe.vae, unet, text_encoder):
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -430,7 +431,7 @@ def train(
             mode=config.mode,
             tokens=tuple(tokens),
             class_words=tuple(spec.class_word for spec in specs),
-            initializers=tuple(spec.initializer for spec in specs),
+            initializers=tuple(initializers),
             token_embeddings=getattr(embedding, NEW_ROWS).detach().float().cpu(),
             deltas={name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()},
             captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ from customdiff.errors import CustomDiffError
 TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 AUGMENTATION_WORDS = ("very", "small", "far", "away", "zoomed", "in", "close", "up", "photo", "of", "a")
 RARE_TOKENS = ("ktn", "sks", "zwx", "vlk", "pqd", "hta")  # never in a caption: modifier-token initializers
+# Words that start modifier tokens by default: the paper's ktn, pll, ucd (one token each in SD's
+# tokenizer), then the toy tokenizer's rare words.
+INITIALIZER_CANDIDATES = ("ktn", "pll", "ucd", *RARE_TOKENS[1:])
 MAX_TOKENS = 32  # the longest toy caption plus augmentation prefix fits with room to spare
 
 # SD 1.x noise schedule: the toy model trains on it so that samplers and fine-tuning behave as on SD.
@@ -192,6 +196,23 @@ def spells_any_word(tokenizer: CLIPTokenizer) -> bool:
     """Whether the tokenizer spells any word from bytes (a real CLIP one), not only the toy world's words."""
     vocabulary = tokenizer.get_vocab()
     return all(symbol in vocabulary for symbol in "0123456789!?")  # CLIP's byte-level alphabet
+
+
+def default_initializer(tokenizer, token: str) -> str:
+    """The word that starts ``token``'s embedding when none is given: for ``<newN>`` the N-th of
+    INITIALIZER_CANDIDATES that is one token for ``tokenizer`` (SD: <new1> ktn, <new2> pll; toy: ktn, sks).
+
+    Concepts trained apart on different tokens thus start apart: two tokens with near-equal features but
+    different fine-tuned targets would make their closed-form merge ill-posed.
+    """
+    usable = [w for w in INITIALIZER_CANDIDATES if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]
+    if not usable:
+        raise CustomDiffError(
+            f"none of {', '.join(INITIALIZER_CANDIDATES)} is one token here; pass --initializer"
+        )
+    match = re.fullmatch(r"<new(\d+)>", token)
+    number = int(match.group(1)) if match else 1
+    return usable[(number - 1) % len(usable)]
 
 
 def check_prompt(tokenizer: CLIPTokenizer, prompt: str) -> None:
