@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,8 +296,6 @@ def regularization_images(
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/customdiff (~/.cache/customdiff)."""
-    import os
-
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "customdiff"
 
 
