@@ -31,6 +31,7 @@ RARE_TOKENS = ("ktn", "sks", "zwx", "vlk", "pqd", "hta")  # never in a caption: 
 # Words that start modifier tokens by default: the paper's ktn, pll, ucd (one token each in SD's
 # tokenizer), then the toy tokenizer's rare words.
 INITIALIZER_CANDIDATES = ("ktn", "pll", "ucd", *RARE_TOKENS[1:])
+HASH_VALUES = 4096  # values of each weight tensor that model_hash reads
 MAX_TOKENS = 32  # the longest toy caption plus augmentation prefix fits with room to spare
 
 # SD 1.x noise schedule: the toy model trains on it so that samplers and fine-tuning behave as on SD.
@@ -182,13 +183,19 @@ def quiet_libraries() -> None:
 
 
 def model_hash(pipe: StableDiffusionPipeline) -> str:
-    """A short fingerprint of the base weights a concept is trained on (UNet and text encoder)."""
+    """A short fingerprint of the base weights a concept is trained on (UNet and text encoder).
+
+    It reads values, never a floating-point sum, whose rounding depends on the thread count and the
+    device, and reads them in float16, so that a concept trained on a GPU, or on float32 weights, still
+    fits the same base loaded on a CPU or in float16. Each tensor gives an even spread of its values.
+    """
     digest = hashlib.sha256()
     for module in (pipe.unet, pipe.text_encoder):
         for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-            digest.update(str(float(tensor.float().sum())).encode())
+            values = tensor.detach().flatten()
+            values = values[:: max(1, len(values) // HASH_VALUES)]
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(values.to("cpu", torch.float16).numpy().tobytes())
     return digest.hexdigest()[:12]
 
 
