@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from diffusers import AutoencoderKL
 
 from customdiff import models, pretrain, toyworld
 from customdiff.config import PretrainConfig
@@ -56,3 +58,23 @@ def test_pretrain_exports_a_pipeline_and_resumes(tmp_path):
     pretrain.pretrain(PretrainConfig(out=tmp_path, **{**TINY, "unet_steps": 4, "export_every": 4}))
     assert json.loads(step_file.read_text())["step"] == 4
     assert (tmp_path / "previews" / "step-000004.png").is_file()
+
+
+def test_wild_renders_show_colours_outside_the_palette():
+    images = pretrain.render_wild_batch(np.random.default_rng(0), 8)
+    assert images.shape == (8, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    pixels = ((images.permute(0, 2, 3, 1).reshape(-1, 3) + 1) * 127.5).round().numpy()
+    known = np.array([*toyworld.COLORS.values(), *toyworld.BACKGROUNDS.values()])
+    distance = np.abs(pixels[:, None, :] - known[None]).max(-1).min(-1)
+    assert (distance > 2 * toyworld.NOISE).mean() > 0.02  # objects in colours the world has no word for
+
+
+def test_warm_started_vae_stage_fine_tunes_the_vae_and_keeps_its_scale(tmp_path):
+    model_dir = pretrain.pretrain(PretrainConfig(out=tmp_path / "first", **TINY))
+    config = PretrainConfig(out=tmp_path / "vae", init_from=model_dir, stage="vae", **TINY)
+    pretrain.pretrain(config)
+    start = models.load_pipeline(model_dir).vae
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "vae" / "stages" / "vae")
+    assert tuned.config.scaling_factor == start.config.scaling_factor  # the UNet's latents keep their scale
+    changed = [not torch.equal(a, b) for a, b in zip(start.parameters(), tuned.parameters(), strict=True)]
+    assert any(changed)

@@ -141,6 +141,16 @@ class PretrainConfig:
     vae_steps: int = option(3000, "autoencoder training steps")
     vae_batch_size: int = option(32, "autoencoder batch size")
     vae_lr: float = option(1e-3, "autoencoder peak learning rate")
+    vae_wild_share: float = option(
+        0.5,
+        "share of autoencoder images showing patterned objects in random colours outside the palette "
+        "(concepts are such objects, so the autoencoder must draw any colour, as SD's does)",
+    )
+    vae_anchor: float = option(
+        1.0,
+        "with --init-from and --stage vae: weight of keeping the start's latents of world scenes, so that "
+        "its UNet still fits the fine-tuned autoencoder",
+    )
     clip_steps: int = option(1500, "CLIP contrastive training steps")
     clip_batch_size: int = option(256, "CLIP batch size (each image also meets a hard-negative caption)")
     clip_lr: float = option(1e-3, "CLIP peak learning rate")
@@ -168,7 +178,8 @@ class PretrainConfig:
     threads: int | None = option(None, "CPU threads (default: torch's choice)")
     init_from: Path | None = option(
         None,
-        "continue from a pretrained toy model: keep its tokenizer, VAE and CLIP, start the UNet from its",
+        "continue from a pretrained toy model: keep its tokenizer and CLIP, start the UNet from its, and "
+        "keep its VAE (with --stage vae: fine-tune it)",
     )
 
     def __post_init__(self) -> None:

@@ -70,6 +70,27 @@ def render_batch(rng: np.random.Generator, n: int, config: PretrainConfig) -> tu
     return to_tensor(images), [str(caption) for caption in captions]
 
 
+def render_wild_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """(n, 3, 64, 64) in [-1, 1]: one or two objects, each a random pattern (or a solid fill) in random
+    colours outside the palette, on the world's backgrounds: what concepts look like, never a built-in."""
+    images = []
+    for _ in range(n):
+        shapes = rng.choice(toyworld.SHAPES, size=int(rng.integers(1, 3)))
+        tokens = [f"<w{index}>" for index in range(len(shapes))]
+        things = tuple(toyworld.Thing(str(shape), token) for shape, token in zip(shapes, tokens, strict=True))
+        caption = toyworld.Caption(str(rng.choice(list(toyworld.BACKGROUNDS))), things)
+        concepts = {}
+        for thing in things:
+            colors = tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
+            if rng.random() < 0.25:
+                colors = colors[:1] * 2  # solid
+            concepts[thing.color] = toyworld.Concept(
+                "wild", thing.shape, colors, str(rng.choice(toyworld.PATTERNS)), ""
+            )
+        images.append(toyworld.render(caption, rng, concepts))
+    return to_tensor(np.stack(images))
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 → (N, 3, H, W) float in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -185,26 +206,42 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) -
 
 
 def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
-    """The autoencoder on fresh renders: L1 + MSE reconstruction and a small KL term (SD's recipe, no GAN)."""
+    """The autoencoder on fresh renders, world scenes and wild ones (``vae_wild_share``): L1 + MSE
+    reconstruction and a small KL term (SD's recipe, no GAN).
+
+    Started from a warm start's autoencoder (``stages/vae-init``), it also keeps that one's latents of
+    world scenes (weight ``vae_anchor``) and its scaling factor, so that the warm start's UNet still fits.
+    """
     final = run_dir / "stages" / "vae"
     if final.is_dir():
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(config.seed)
-    vae = models.toy_vae()
+    start = run_dir / "stages" / "vae-init"
+    anchor = AutoencoderKL.from_pretrained(start).eval().requires_grad_(False) if start.is_dir() else None
+    vae = AutoencoderKL.from_pretrained(start) if anchor is not None else models.toy_vae()
+    n_wild = round(config.vae_batch_size * config.vae_wild_share)
 
     def loss_fn(model, rng):
-        images = render_batch(rng, config.vae_batch_size, config)[0].to(model.device)
+        world = render_batch(rng, config.vae_batch_size - n_wild, config)[0]
+        images = torch.cat([world, render_wild_batch(rng, n_wild)]).to(model.device)
         posterior = model.encode(images).latent_dist
         reconstruction = model.decode(posterior.sample()).sample.float()
         kl = posterior.kl().mean() / images[0].numel()
-        return F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + 1e-6 * kl
+        loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + 1e-6 * kl
+        if anchor is not None:
+            with torch.no_grad():
+                kept = anchor.to(model.device).encode(images[: len(world)]).latent_dist.mean
+            drift = F.mse_loss(posterior.mean[: len(world)].float(), kept.float()) / kept.float().var()
+            loss = loss + config.vae_anchor * drift
+        return loss
 
     train_stage("vae", run_dir, vae, config.vae_steps, config.vae_lr, loss_fn, config)
     vae.eval()
-    with torch.no_grad():
-        images, _ = render_batch(np.random.default_rng(config.seed + 1), 256, config)
-        latents = vae.encode(images).latent_dist.mean
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    if anchor is None:
+        with torch.no_grad():
+            images, _ = render_batch(np.random.default_rng(config.seed + 1), 256, config)
+            latents = vae.encode(images).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
     vae.save_pretrained(final)
     return vae
 
@@ -389,7 +426,7 @@ def pretrain(config: PretrainConfig) -> Path:
     save_config(config, run_dir)
     torch.set_num_threads(config.threads or torch.get_num_threads())
     if config.init_from is not None:
-        warm_start(run_dir, Path(config.init_from))
+        warm_start(run_dir, Path(config.init_from), config.stage)
     tokenizer_dir = run_dir / "stages" / "tokenizer"
     if not tokenizer_dir.is_dir():
         models.build_toy_tokenizer().save_pretrained(tokenizer_dir)
@@ -403,12 +440,17 @@ def pretrain(config: PretrainConfig) -> Path:
     return run_dir / "model"
 
 
-def warm_start(run_dir: Path, model_dir: Path) -> None:
-    """Take a pretrained toy model's tokenizer, VAE and CLIP as finished stages; its UNet seeds the UNet's."""
+def warm_start(run_dir: Path, model_dir: Path, stage: str) -> None:
+    """Take a pretrained toy model's tokenizer, CLIP and VAE as finished stages (for ``--stage vae`` its VAE
+    is the start of that stage instead); its UNet seeds the UNet's."""
     stages = run_dir / "stages"
-    for part, load in (("vae", AutoencoderKL.from_pretrained), ("clip", CLIPModel.from_pretrained)):
-        if not (stages / part).is_dir():
-            load(model_dir / part, dtype=torch.float32).save_pretrained(stages / part)
+    vae_stage = "vae-init" if stage == "vae" else "vae"  # --stage vae fine-tunes the VAE, else it is kept
+    for part, load, target in (
+        ("vae", AutoencoderKL.from_pretrained, vae_stage),
+        ("clip", CLIPModel.from_pretrained, "clip"),
+    ):
+        if not (stages / target).is_dir() and not (stages / part).is_dir():
+            load(model_dir / part, dtype=torch.float32).save_pretrained(stages / target)
     if not (stages / "tokenizer").is_dir():
         CLIPTokenizer.from_pretrained(model_dir / "tokenizer").save_pretrained(stages / "tokenizer")
     if not (stages / "unet-init").is_dir():

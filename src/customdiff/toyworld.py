@@ -271,6 +271,9 @@ def pixel_grid(size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- concepts
 
 
+PATTERNS = ("core", "segments", "checker", "quadrants", "bands")  # how a concept's colours are laid out
+
+
 @dataclass(frozen=True)
 class Concept:
     """A built-in concept: one particular patterned instance of a world shape.
