@@ -88,9 +88,11 @@ def pretrain(config: PretrainConfig) -> None:
 
     files.prepare_output_dir(config.out)
     model = run_pretrain(config)
-    print(
-        f"toy base model in {model}; previews in {config.out / 'previews'}; log in {config.out / 'log.jsonl'}"
-    )
+    log = config.out / "log.jsonl"
+    if config.stage in ("vae", "clip"):
+        print(f"{config.stage} in {config.out / 'stages' / config.stage}; log in {log}")
+    else:
+        print(f"toy base model in {model}; previews in {config.out / 'previews'}; log in {log}")
 
 
 def generate(config: GenerateConfig) -> None:
