@@ -78,3 +78,14 @@ def test_warm_started_vae_stage_fine_tunes_the_vae_and_keeps_its_scale(tmp_path)
     assert tuned.config.scaling_factor == start.config.scaling_factor  # the UNet's latents keep their scale
     changed = [not torch.equal(a, b) for a, b in zip(start.parameters(), tuned.parameters(), strict=True)]
     assert any(changed)
+
+
+def test_size_dropout_leaves_the_size_out_of_one_object_captions():
+    def one_object(config):
+        _, texts = pretrain.render_batch(np.random.default_rng(0), 64, config)
+        return [toyworld.parse_caption(text) for text in texts if " and " not in text]
+
+    sized = one_object(PretrainConfig(size_dropout=0.0))
+    unsized = one_object(PretrainConfig(size_dropout=1.0))
+    assert sized and all(caption.things[0].size for caption in sized)
+    assert unsized and not any(caption.things[0].size for caption in unsized)

@@ -160,6 +160,11 @@ class PretrainConfig:
     pool_size: int = option(60000, "renders encoded once into the UNet's latent training pool")
     two_object_share: float = option(0.5, "share of two-object scenes in training data")
     caption_dropout: float = option(0.1, "share of empty captions, for classifier-free guidance")
+    size_dropout: float = option(
+        0.25,
+        'share of one-object captions without their size word: "a red star on a gray background" is one '
+        "object of either size, as class and concept prompts say it",
+    )
     held_out: tuple[str, ...] = option(
         (
             "red star grass",

@@ -8,6 +8,7 @@ pipeline is a diffusers ``StableDiffusionPipeline`` folder with the CLIP model b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -64,10 +65,23 @@ def training_captions(rng: np.random.Generator, n: int, config: PretrainConfig) 
 
 
 def render_batch(rng: np.random.Generator, n: int, config: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """A batch of fresh renders in [-1, 1], (n, 3, 64, 64), with their captions."""
+    """A batch of fresh renders in [-1, 1], (n, 3, 64, 64), with their captions; a ``size_dropout`` share
+    of one-object captions leave out the size word, as the spec's class and concept prompts do."""
     captions = training_captions(rng, n, config)
     images = np.stack([toyworld.render(caption, rng) for caption in captions])
-    return to_tensor(images), [str(caption) for caption in captions]
+    texts = [
+        str(unsized(caption))
+        if config.size_dropout and len(caption.things) == 1 and rng.random() < config.size_dropout
+        else str(caption)
+        for caption in captions
+    ]
+    return to_tensor(images), texts
+
+
+def unsized(caption: toyworld.Caption) -> toyworld.Caption:
+    """The caption without size words ("a red star on a gray background")."""
+    things = tuple(dataclasses.replace(thing, size=None) for thing in caption.things)
+    return toyworld.Caption(caption.background, things)
 
 
 def render_wild_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
