@@ -74,8 +74,7 @@ def add_modifier_tokens(tokenizer, text_encoder, tokens: list[str], initializers
     """
     vocabulary = tokenizer.get_vocab()
     for token in tokens:
-        is_a_word = len(tokenizer(token, add_special_tokens=False).input_ids) == 1
-        if token in vocabulary or is_a_word or tokens.count(token) > 1:
+        if token in vocabulary or models.is_one_token(tokenizer, token) or tokens.count(token) > 1:
             raise CustomDiffError(
                 f"the token {token} is already in the tokenizer's vocabulary; pass another --token"
             )

@@ -68,7 +68,7 @@ def build_toy_tokenizer() -> CLIPTokenizer:
         vocab=model["vocab"], merges=merges, pad_token="<|endoftext|>", model_max_length=MAX_TOKENS
     )
     for word in toy_words():
-        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+        assert is_one_token(tokenizer, word), word
     return tokenizer
 
 
@@ -205,6 +205,12 @@ def spells_any_word(tokenizer: CLIPTokenizer) -> bool:
     return all(symbol in vocabulary for symbol in "0123456789!?")  # CLIP's byte-level alphabet
 
 
+def is_one_token(tokenizer, word: str) -> bool:
+    """Whether ``tokenizer`` spells ``word`` as a single token (checked on the ids: transformers 5's
+    ``encode([word])`` returns a batch, so a length check on it never fires)."""
+    return len(tokenizer(word, add_special_tokens=False).input_ids) == 1
+
+
 def default_initializer(tokenizer, token: str) -> str:
     """The word that starts ``token``'s embedding when none is given: for ``<newN>`` the N-th of
     INITIALIZER_CANDIDATES that is one token for ``tokenizer`` (SD: <new1> ktn, <new2> pll; toy: ktn, sks).
@@ -212,7 +218,7 @@ def default_initializer(tokenizer, token: str) -> str:
     Concepts trained apart on different tokens thus start apart: two tokens with near-equal features but
     different fine-tuned targets would make their closed-form merge ill-posed.
     """
-    usable = [w for w in INITIALIZER_CANDIDATES if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]
+    usable = [word for word in INITIALIZER_CANDIDATES if is_one_token(tokenizer, word)]
     if not usable:
         raise CustomDiffError(
             f"none of {', '.join(INITIALIZER_CANDIDATES)} is one token here; pass --initializer"
