@@ -1,5 +1,6 @@
 """Pretraining the toy base model: every stage runs, exports a loadable pipeline, and resumes."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -61,12 +62,33 @@ def test_pretrain_exports_a_pipeline_and_resumes(tmp_path):
 
 
 def test_wild_renders_show_colours_outside_the_palette():
-    images = pretrain.render_wild_batch(np.random.default_rng(0), 8)
+    images, captions = pretrain.render_wild_batch(np.random.default_rng(0), 8, PretrainConfig())
     assert images.shape == (8, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
     pixels = ((images.permute(0, 2, 3, 1).reshape(-1, 3) + 1) * 127.5).round().numpy()
     known = np.array([*toyworld.COLORS.values(), *toyworld.BACKGROUNDS.values()])
     distance = np.abs(pixels[:, None, :] - known[None]).max(-1).min(-1)
     assert (distance > 2 * toyworld.NOISE).mean() > 0.02  # objects in colours the world has no word for
+    for caption in captions:  # named by shape, never by a colour: the class prompts of concepts
+        words = set(caption.split(" on a ")[0].split())  # the background may be "white" or "black"
+        assert words & set(toyworld.SHAPES) and not words & set(toyworld.COLORS), caption
+
+
+def test_unet_pool_mixes_in_colourless_wild_captions(tmp_path):
+    config = PretrainConfig(pool_size=256, unet_wild_share=0.25)
+    vae, tokenizer = models.toy_vae().eval(), models.build_toy_tokenizer()
+    (tmp_path / "stages").mkdir()
+    _, input_ids = pretrain.encode_pool(tmp_path, config, vae, tokenizer)
+    texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    colourless = [t for t in texts if not set(t.split(" on ")[0].split()) & set(toyworld.COLORS)]
+    assert len(texts) == 256 and len(colourless) == 64
+
+
+def test_object_weight_counts_object_pixels_more():
+    images, _ = pretrain.render_batch(np.random.default_rng(0), 4, PretrainConfig(two_object_share=0.0))
+    weight = pretrain.object_weight(images, 5.0)
+    assert weight.shape == (4, 1, 64, 64)
+    assert set(weight.unique().tolist()) == {1.0, 5.0}
+    assert 0.01 < (weight == 5.0).float().mean() < 0.5  # objects, not background noise
 
 
 def test_warm_started_vae_stage_fine_tunes_the_vae_and_keeps_its_scale(tmp_path):
@@ -78,6 +100,14 @@ def test_warm_started_vae_stage_fine_tunes_the_vae_and_keeps_its_scale(tmp_path)
     assert tuned.config.scaling_factor == start.config.scaling_factor  # the UNet's latents keep their scale
     changed = [not torch.equal(a, b) for a, b in zip(start.parameters(), tuned.parameters(), strict=True)]
     assert any(changed)
+
+    config = dataclasses.replace(config, out=tmp_path / "decoder", vae_decoder_only=True)
+    pretrain.pretrain(config)
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "decoder" / "stages" / "vae")
+    for part in ("encoder", "quant_conv", "decoder"):
+        pairs = zip(getattr(start, part).parameters(), getattr(tuned, part).parameters(), strict=True)
+        same = all(torch.equal(a, b) for a, b in pairs)
+        assert same == (part != "decoder"), part  # every latent stays the start's; the decoder learns
 
 
 def test_size_dropout_leaves_the_size_out_of_one_object_captions():

@@ -146,10 +146,20 @@ class PretrainConfig:
         "share of autoencoder images showing patterned objects in random colours outside the palette "
         "(concepts are such objects, so the autoencoder must draw any colour, as SD's does)",
     )
+    vae_object_weight: float = option(
+        4.0,
+        "weight of object pixels in the autoencoder's reconstruction loss against 1 for the background: a "
+        "small patterned concept must not lose to the flat fill around it",
+    )
     vae_anchor: float = option(
         1.0,
         "with --init-from and --stage vae: weight of keeping the start's latents of world scenes, so that "
         "its UNet still fits the fine-tuned autoencoder",
+    )
+    vae_decoder_only: bool = option(
+        False,
+        "with --init-from and --stage vae: train the decoder alone, so that every latent stays the start's "
+        "and its UNet fits exactly",
     )
     clip_steps: int = option(1500, "CLIP contrastive training steps")
     clip_batch_size: int = option(256, "CLIP batch size (each image also meets a hard-negative caption)")
@@ -164,6 +174,12 @@ class PretrainConfig:
         0.25,
         'share of one-object captions without their size word: "a red star on a gray background" is one '
         "object of either size, as class and concept prompts say it",
+    )
+    unet_wild_share: float = option(
+        0.2,
+        "share of the UNet's pool showing objects in random colours outside the palette, captioned without "
+        'a colour ("a small star on a gray background"): class prompts draw a varied class, as in SD, and '
+        "the UNet can draw the colours a concept's token steers it to",
     )
     held_out: tuple[str, ...] = option(
         (

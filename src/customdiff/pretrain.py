@@ -69,13 +69,14 @@ def render_batch(rng: np.random.Generator, n: int, config: PretrainConfig) -> tu
     of one-object captions leave out the size word, as the spec's class and concept prompts do."""
     captions = training_captions(rng, n, config)
     images = np.stack([toyworld.render(caption, rng) for caption in captions])
-    texts = [
-        str(unsized(caption))
-        if config.size_dropout and len(caption.things) == 1 and rng.random() < config.size_dropout
-        else str(caption)
-        for caption in captions
-    ]
-    return to_tensor(images), texts
+    return to_tensor(images), [caption_text(caption, rng, config) for caption in captions]
+
+
+def caption_text(caption: toyworld.Caption, rng: np.random.Generator, config: PretrainConfig) -> str:
+    """The caption, or a ``size_dropout`` share of one-object ones without their size word."""
+    if config.size_dropout and len(caption.things) == 1 and rng.random() < config.size_dropout:
+        caption = unsized(caption)
+    return str(caption)
 
 
 def unsized(caption: toyworld.Caption) -> toyworld.Caption:
@@ -84,25 +85,32 @@ def unsized(caption: toyworld.Caption) -> toyworld.Caption:
     return toyworld.Caption(caption.background, things)
 
 
-def render_wild_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
+def render_wild_batch(
+    rng: np.random.Generator, n: int, config: PretrainConfig
+) -> tuple[torch.Tensor, list[str]]:
     """(n, 3, 64, 64) in [-1, 1]: one or two objects, each a random pattern (or a solid fill) in random
-    colours outside the palette, on the world's backgrounds: what concepts look like, never a built-in."""
-    images = []
+    colours outside the palette, on the world's backgrounds: what concepts look like, never a built-in.
+
+    Their captions name shapes, sizes and background but no colour ("a small star on a gray background"):
+    the class prompts of concepts, which thus draw the variety of a class, as "a photo of a cat" does in
+    Stable Diffusion, and a UNet that can draw colours outside the palette for a concept's token to steer.
+    """
+    images, texts = [], []
     for _ in range(n):
-        shapes = rng.choice(toyworld.SHAPES, size=int(rng.integers(1, 3)))
-        tokens = [f"<w{index}>" for index in range(len(shapes))]
-        things = tuple(toyworld.Thing(str(shape), token) for shape, token in zip(shapes, tokens, strict=True))
-        caption = toyworld.Caption(str(rng.choice(list(toyworld.BACKGROUNDS))), things)
+        named = toyworld.sample_caption(rng, int(rng.integers(1, 3)))
+        colourless = tuple(dataclasses.replace(thing, color="") for thing in named.things)
+        wild = tuple(dataclasses.replace(thing, color=f"<w{i}>") for i, thing in enumerate(named.things))
         concepts = {}
-        for thing in things:
+        for thing in wild:
             colors = tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
             if rng.random() < 0.25:
                 colors = colors[:1] * 2  # solid
             concepts[thing.color] = toyworld.Concept(
                 "wild", thing.shape, colors, str(rng.choice(toyworld.PATTERNS)), ""
             )
-        images.append(toyworld.render(caption, rng, concepts))
-    return to_tensor(np.stack(images))
+        images.append(toyworld.render(toyworld.Caption(named.background, wild), rng, concepts))
+        texts.append(caption_text(toyworld.Caption(named.background, colourless), rng, config))
+    return to_tensor(np.stack(images)), texts
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -224,7 +232,8 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     reconstruction and a small KL term (SD's recipe, no GAN).
 
     Started from a warm start's autoencoder (``stages/vae-init``), it also keeps that one's latents of
-    world scenes (weight ``vae_anchor``) and its scaling factor, so that the warm start's UNet still fits.
+    world scenes (weight ``vae_anchor``; with ``vae_decoder_only`` all latents, exactly) and its scaling
+    factor, so that the warm start's UNet still fits.
     """
     final = run_dir / "stages" / "vae"
     if final.is_dir():
@@ -233,15 +242,21 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     start = run_dir / "stages" / "vae-init"
     anchor = AutoencoderKL.from_pretrained(start).eval().requires_grad_(False) if start.is_dir() else None
     vae = AutoencoderKL.from_pretrained(start) if anchor is not None else models.toy_vae()
+    if anchor is not None and config.vae_decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        anchor = None  # a frozen encoder keeps every latent as it was
     n_wild = round(config.vae_batch_size * config.vae_wild_share)
 
     def loss_fn(model, rng):
         world = render_batch(rng, config.vae_batch_size - n_wild, config)[0]
-        images = torch.cat([world, render_wild_batch(rng, n_wild)]).to(model.device)
+        images = torch.cat([world, render_wild_batch(rng, n_wild, config)[0]]).to(model.device)
         posterior = model.encode(images).latent_dist
         reconstruction = model.decode(posterior.sample()).sample.float()
         kl = posterior.kl().mean() / images[0].numel()
-        loss = F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + 1e-6 * kl
+        error = (reconstruction - images).abs()
+        weight = object_weight(images, config.vae_object_weight)
+        loss = (weight * (error + error**2)).sum() / (weight.sum() * 3) + 1e-6 * kl
         if anchor is not None:
             with torch.no_grad():
                 kept = anchor.to(model.device).encode(images[: len(world)]).latent_dist.mean
@@ -251,7 +266,7 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
 
     train_stage("vae", run_dir, vae, config.vae_steps, config.vae_lr, loss_fn, config)
     vae.eval()
-    if anchor is None:
+    if not start.is_dir():
         with torch.no_grad():
             images, _ = render_batch(np.random.default_rng(config.seed + 1), 256, config)
             latents = vae.encode(images).latent_dist.mean
@@ -289,6 +304,14 @@ def train_clip(run_dir: Path, config: PretrainConfig, tokenizer: CLIPTokenizer) 
     return clip
 
 
+def object_weight(images: torch.Tensor, weight: float) -> torch.Tensor:
+    """(N, 1, H, W): ``weight`` on object pixels (far from the image's median colour, its background), 1
+    elsewhere, so that a small patterned object is not outweighed by the flat background around it."""
+    background = images.flatten(2).median(dim=2).values[:, :, None, None]
+    is_object = (images - background).abs().amax(dim=1, keepdim=True) > 4 * toyworld.NOISE / 127.5
+    return 1 + (weight - 1) * is_object.float()
+
+
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     """SD's text encoder is CLIP's text tower: the same transformer, without the projection."""
     text_encoder = CLIPTextModel(clip.config.text_config)
@@ -313,8 +336,11 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> tuple[
         return pool["latents"], pool["input_ids"]
     rng = np.random.default_rng(config.seed + 2)
     latents, input_ids = [], []
+    n_wild = round(256 * config.unet_wild_share)
     for _ in tqdm(range(0, config.pool_size, 256), desc="encode pool"):
-        images, captions = render_batch(rng, 256, config)
+        world, world_captions = render_batch(rng, 256 - n_wild, config)
+        wild, wild_captions = render_wild_batch(rng, n_wild, config)
+        images, captions = torch.cat([world, wild]), world_captions + wild_captions
         latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
         input_ids.append(tokenizer(captions, padding="max_length", return_tensors="pt").input_ids)
     pool = {"latents": torch.cat(latents).contiguous(), "input_ids": torch.cat(input_ids).contiguous()}
