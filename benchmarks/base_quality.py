@@ -1,9 +1,10 @@
 """How well the base model draws captions it never saw in training, read back by the toy judge.
 
-Prints a markdown table: one-object prompts (background, colour, shape, size, all four right) and
+Prints a markdown table: one-object prompts (background, colour, shape, size, all of them right) and
 two-object prompts (both objects' colour and shape right), for captions held out by hash (unseen
 captions of seen parts) and, separately, captions naming a held-out colour-shape-background triple
-(composition must generalise, not recall).
+(composition must generalise, not recall); and the class prompts that measure forgetting, which name
+no size ("a red star on a gray background").
 
     python benchmarks/base_quality.py [--model PATH] [--n 4] [--steps 50]
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from customdiff import generate, models, pretrain, toyjudge
+from customdiff import evaluate, generate, models, pretrain, toyjudge, toyworld
 
 
 def prompt_sets(model_dir: Path, seed: int, total: int) -> dict[str, list[str]]:
@@ -29,6 +30,11 @@ def prompt_sets(model_dir: Path, seed: int, total: int) -> dict[str, list[str]]:
         "unseen two-object": two,
         "held-out triple, one-object": pretrain.unseen_captions(split, rng, 12, 1, held_out_triple=True),
         "held-out triple, two-object": pretrain.unseen_captions(split, rng, 50, 2, held_out_triple=True),
+        "class prompts, no size": [
+            f"a {color} {shape} on a {background} background"
+            for shape in toyworld.SHAPES
+            for color, background in evaluate.CLASS_SCENES
+        ],
     }
 
 
@@ -39,10 +45,11 @@ def rates(prompts: list[str], images: list[np.ndarray], n: int) -> dict[str, flo
         checks = toyjudge.score(image, prompts[index // n]).checks
         objects = sorted({key.split(".")[0] for key in checks if key.startswith("object")})
         if len(objects) == 1:
-            keys = ["background", "object1.color", "object1.shape", "object1.size"]
+            named = ("background", "object1.color", "object1.shape", "object1.size")
+            keys = [key for key in named if key in checks]
             for key in keys:
                 counts.setdefault(key.replace("object1.", ""), []).append(checks[key])
-            counts.setdefault("all four", []).append(all(checks[key] for key in keys))
+            counts.setdefault("all named", []).append(all(checks[key] for key in keys))
         else:
             bound = all(checks[f"{name}.{attribute}"] for name in objects for attribute in ("color", "shape"))
             counts.setdefault("background", []).append(checks["background"])
@@ -61,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = models.load_pipeline(args.model)
-    print("| prompts | n | background | colour | shape | size | all four | both colour+shape |")
+    print("| prompts | n | background | colour | shape | size | all named | both colour+shape |")
     print("|---|---|---|---|---|---|---|---|")
     for name, prompts in prompt_sets(args.model, args.seed, args.prompts).items():
         started = time.time()
@@ -71,7 +78,7 @@ def main() -> None:
         table = rates(prompts, images, args.n)
         cells = [
             table.get(key)
-            for key in ("background", "color", "shape", "size", "all four", "both colour+shape")
+            for key in ("background", "color", "shape", "size", "all named", "both colour+shape")
         ]
         shown = " | ".join("–" if cell is None else f"{cell:.1f}%" for cell in cells)
         print(
