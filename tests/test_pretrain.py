@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL
 
 from customdiff import models, pretrain, toyworld
 from customdiff.config import PretrainConfig
+from customdiff.errors import CustomDiffError
 
 TINY = dict(
     vae_steps=2,
@@ -119,3 +120,15 @@ def test_size_dropout_leaves_the_size_out_of_one_object_captions():
     unsized = one_object(PretrainConfig(size_dropout=1.0))
     assert sized and all(caption.things[0].size for caption in sized)
     assert unsized and not any(caption.things[0].size for caption in unsized)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"unet_wild_share": 1.5}, "--unet-wild-share is a share"),
+        ({"vae_decoder_only": True}, "add --init-from MODEL --stage vae"),
+    ],
+)
+def test_bad_pretrain_settings_are_one_line_errors(settings, message):
+    with pytest.raises(CustomDiffError, match=message):
+        PretrainConfig(**settings)

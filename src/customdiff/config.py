@@ -214,6 +214,13 @@ class PretrainConfig:
                 raise CustomDiffError(
                     f'--held-out "{combination}": write "COLOUR SHAPE BACKGROUND", e.g. "red star grass"'
                 )
+        for name in ("vae_wild_share", "unet_wild_share", "size_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise CustomDiffError(f"--{name.replace('_', '-')} is a share: give a number from 0 to 1")
+        if self.vae_decoder_only and (self.init_from is None or self.stage != "vae"):
+            raise CustomDiffError(
+                "--vae-decoder-only fine-tunes a model's decoder: add --init-from MODEL --stage vae"
+            )
 
 
 @dataclass(frozen=True)
