@@ -70,8 +70,13 @@ def test_wild_renders_show_colours_outside_the_palette():
     distance = np.abs(pixels[:, None, :] - known[None]).max(-1).min(-1)
     assert (distance > 2 * toyworld.NOISE).mean() > 0.02  # objects in colours the world has no word for
     for caption in captions:  # named by shape, never by a colour: the class prompts of concepts
-        words = set(caption.split(" on a ")[0].split())  # the background may be "white" or "black"
+        words = object_words(caption)
         assert words & set(toyworld.SHAPES) and not words & set(toyworld.COLORS), caption
+
+
+def object_words(caption: str) -> set[str]:
+    """The words before "on": the background may be "white" or "black", which are colours too."""
+    return set(caption.split(" on ")[0].split())
 
 
 def test_unet_pool_mixes_in_colourless_wild_captions(tmp_path):
@@ -80,7 +85,7 @@ def test_unet_pool_mixes_in_colourless_wild_captions(tmp_path):
     (tmp_path / "stages").mkdir()
     _, input_ids = pretrain.encode_pool(tmp_path, config, vae, tokenizer)
     texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-    colourless = [t for t in texts if not set(t.split(" on ")[0].split()) & set(toyworld.COLORS)]
+    colourless = [text for text in texts if not object_words(text) & set(toyworld.COLORS)]
     assert len(texts) == 256 and len(colourless) == 64
 
 
