@@ -98,11 +98,15 @@ def main() -> None:
         f"(naive addition {report.naive_residual:.1e}), "
         f"regularization objective {report.objective:.3g} (naive {report.naive_objective:.3g})"
     )
-    kept = [rows[f"merged, {t} prompts"][PRESENT] / max(rows[f"{t} alone"][PRESENT], 1e-9) for t in tokens]
+    own = [rows[f"{t} alone"][PRESENT] for t in tokens]
+    kept = [
+        rows[f"merged, {t} prompts"][PRESENT] / score for t, score in zip(tokens, own, strict=True) if score
+    ]
+    kept_text = f"{100 * min(kept):.0f}%" if len(kept) == len(tokens) else "n/a (a concept alone scores 0)"
     print(
         f"floors: joint both present {rows['joint, two-concept prompts'][BOTH]:.1f}% (≥ 60), merged "
         f"{rows['merged, two-concept prompts'][BOTH]:.1f}% (≥ 50); merged keeps "
-        f"{100 * min(kept):.0f}% of a concept's own score (≥ 90%); 60% energy changes concept-present by "
+        f"{kept_text} of a concept's own score (≥ 90%); 60% energy changes concept-present by "
         f"{rows[f'{tokens[0]} 60% energy'][PRESENT] - rows[f'{tokens[0]} alone'][PRESENT]:+.1f} points "
         "(within ±2)"
     )
