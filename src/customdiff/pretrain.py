@@ -240,12 +240,13 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(config.seed)
     start = run_dir / "stages" / "vae-init"
-    anchor = AutoencoderKL.from_pretrained(start).eval().requires_grad_(False) if start.is_dir() else None
-    vae = AutoencoderKL.from_pretrained(start) if anchor is not None else models.toy_vae()
-    if anchor is not None and config.vae_decoder_only:
+    vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else models.toy_vae()
+    anchor = None
+    if start.is_dir() and config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-        anchor = None  # a frozen encoder keeps every latent as it was
+    elif start.is_dir():
+        anchor = AutoencoderKL.from_pretrained(start).eval().requires_grad_(False)
     n_wild = round(config.vae_batch_size * config.vae_wild_share)
 
     def loss_fn(model, rng):
