@@ -115,6 +115,14 @@ def test_warm_started_vae_stage_fine_tunes_the_vae_and_keeps_its_scale(tmp_path)
         same = all(torch.equal(a, b) for a, b in pairs)
         assert same == (part != "decoder"), part  # every latent stays the start's; the decoder learns
 
+    config = dataclasses.replace(config, out=tmp_path / "wide", vae_decoder_only=False, vae_width=48)
+    pretrain.pretrain(config)
+    wide = AutoencoderKL.from_pretrained(tmp_path / "wide" / "stages" / "vae")
+    assert wide.config.block_out_channels == [48, 96, 96]
+    assert wide.config.scaling_factor == start.config.scaling_factor  # anchored to the start's latents
+    with pytest.raises(CustomDiffError, match="drop --vae-width 48 or --vae-decoder-only"):
+        pretrain.pretrain(dataclasses.replace(config, out=tmp_path / "both", vae_decoder_only=True))
+
 
 def test_size_dropout_leaves_the_size_out_of_one_object_captions():
     def one_object(config):
@@ -132,6 +140,7 @@ def test_size_dropout_leaves_the_size_out_of_one_object_captions():
     [
         ({"unet_wild_share": 1.5}, "--unet-wild-share is a share"),
         ({"vae_decoder_only": True}, "add --init-from MODEL --stage vae"),
+        ({"vae_width": 40}, "--vae-width: give a positive multiple of 16"),
     ],
 )
 def test_bad_pretrain_settings_are_one_line_errors(settings, message):

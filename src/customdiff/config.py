@@ -151,6 +151,12 @@ class PretrainConfig:
         "weight of object pixels in the autoencoder's reconstruction loss against 1 for the background: a "
         "small patterned concept must not lose to the flat fill around it",
     )
+    vae_width: int = option(
+        32,
+        "autoencoder channels at full resolution (twice as many below); with --init-from and --stage vae, "
+        "a width other than the start's trains a new autoencoder that keeps the start's latents of world "
+        "scenes (--vae-anchor)",
+    )
     vae_anchor: float = option(
         1.0,
         "with --init-from and --stage vae: weight of keeping the start's latents of world scenes, so that "
@@ -217,6 +223,8 @@ class PretrainConfig:
         for name in ("vae_wild_share", "unet_wild_share", "size_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise CustomDiffError(f"--{name.replace('_', '-')} is a share: give a number from 0 to 1")
+        if self.vae_width < 1 or self.vae_width % 16:
+            raise CustomDiffError("--vae-width: give a positive multiple of 16 (its norm has 16 groups)")
         if self.vae_decoder_only and (self.init_from is None or self.stage != "vae"):
             raise CustomDiffError(
                 "--vae-decoder-only fine-tunes a model's decoder: add --init-from MODEL --stage vae"

@@ -96,8 +96,10 @@ def toy_clip_config(vocab_size: int) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
 
 
-def toy_vae() -> AutoencoderKL:
-    """64×64×3 ↔ 16×16×4: a factor of 4 keeps 7-px shapes legible in the latent, as 8 does for SD at 512²."""
+def toy_vae(width: int = 32) -> AutoencoderKL:
+    """64×64×3 ↔ 16×16×4: a factor of 4 keeps 7-px shapes legible in the latent, as 8 does for SD at 512².
+
+    ``width`` channels at full resolution, twice as many below."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -105,7 +107,7 @@ def toy_vae() -> AutoencoderKL:
         sample_size=toyworld.IMAGE_SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(width, 2 * width, 2 * width),
         layers_per_block=1,
         norm_num_groups=16,
     )

@@ -27,6 +27,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from customdiff import files, models, toyworld
 from customdiff.config import PretrainConfig, save_config
+from customdiff.errors import CustomDiffError
 from customdiff.files import image_grid, save_png
 
 PREVIEW_PROMPTS = (
@@ -233,16 +234,26 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
 
     Started from a warm start's autoencoder (``stages/vae-init``), it also keeps that one's latents of
     world scenes (weight ``vae_anchor``; with ``vae_decoder_only`` all latents, exactly) and its scaling
-    factor, so that the warm start's UNet still fits.
+    factor, so that the warm start's UNet still fits. A ``vae_width`` other than the start's begins a
+    wider (or narrower) autoencoder afresh, anchored the same way.
     """
     final = run_dir / "stages" / "vae"
     if final.is_dir():
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(config.seed)
     start = run_dir / "stages" / "vae-init"
-    vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else models.toy_vae()
+    vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else models.toy_vae(config.vae_width)
     anchor = None
-    if start.is_dir() and config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
+    if start.is_dir() and vae.config.block_out_channels[0] != config.vae_width:
+        if config.vae_decoder_only:
+            raise CustomDiffError(
+                f"--vae-decoder-only keeps the start's encoder, of width {vae.config.block_out_channels[0]}: "
+                f"drop --vae-width {config.vae_width} or --vae-decoder-only"
+            )
+        anchor = vae.eval().requires_grad_(False)
+        vae = models.toy_vae(config.vae_width)
+        vae.register_to_config(scaling_factor=anchor.config.scaling_factor)
+    elif start.is_dir() and config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     elif start.is_dir():
