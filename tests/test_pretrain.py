@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 from diffusers import AutoencoderKL
 
 from customdiff import models, pretrain, toyworld
@@ -49,7 +50,8 @@ def test_hard_negative_differs_in_one_binding():
 
 @pytest.mark.slow
 def test_pretrain_exports_a_pipeline_and_resumes(tmp_path):
-    model_dir = pretrain.pretrain(PretrainConfig(out=tmp_path, **TINY))
+    coded = {**TINY, "unet_wild_share": 0.5, "unet_wild_codes": 0.5}  # every kind of pool sample
+    model_dir = pretrain.pretrain(PretrainConfig(out=tmp_path, **coded))
     pipe = models.load_pipeline(model_dir)
     assert pipe.vae.config.scaling_factor != 1.0  # measured on the data
     assert (model_dir / "clip" / "config.json").is_file()
@@ -57,21 +59,26 @@ def test_pretrain_exports_a_pipeline_and_resumes(tmp_path):
     assert (tmp_path / "previews" / "step-000002.png").is_file()
     step_file = tmp_path / "checkpoints" / "unet" / "step.json"
     assert json.loads(step_file.read_text())["step"] == 2
-    pretrain.pretrain(PretrainConfig(out=tmp_path, **{**TINY, "unet_steps": 4, "export_every": 4}))
+    pretrain.pretrain(PretrainConfig(out=tmp_path, **{**coded, "unet_steps": 4, "export_every": 4}))
     assert json.loads(step_file.read_text())["step"] == 4
     assert (tmp_path / "previews" / "step-000004.png").is_file()
 
 
 def test_wild_renders_show_colours_outside_the_palette():
-    images, captions = pretrain.render_wild_batch(np.random.default_rng(0), 8, PretrainConfig())
+    images, captions, features = pretrain.render_wild_batch(np.random.default_rng(0), 8, PretrainConfig())
     assert images.shape == (8, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
     pixels = ((images.permute(0, 2, 3, 1).reshape(-1, 3) + 1) * 127.5).round().numpy()
     known = np.array([*toyworld.COLORS.values(), *toyworld.BACKGROUNDS.values()])
     distance = np.abs(pixels[:, None, :] - known[None]).max(-1).min(-1)
     assert (distance > 2 * toyworld.NOISE).mean() > 0.02  # objects in colours the world has no word for
     for caption in captions:  # named by shape, never by a colour: the class prompts of concepts
-        words = object_words(caption)
+        words = object_words(str(caption))
         assert words & set(toyworld.SHAPES) and not words & set(toyworld.COLORS), caption
+    assert features.shape == (8, 2, pretrain.CODE_FEATURES)
+    for caption, feature in zip(captions, features, strict=True):  # one feature row per object, in order
+        assert [bool(row.any()) for row in feature] == [True] * len(caption.things) + [False] * (
+            2 - len(caption.things)
+        )
 
 
 def object_words(caption: str) -> set[str]:
@@ -79,14 +86,45 @@ def object_words(caption: str) -> set[str]:
     return set(caption.split(" on ")[0].split())
 
 
-def test_unet_pool_mixes_in_colourless_wild_captions(tmp_path):
-    config = PretrainConfig(pool_size=256, unet_wild_share=0.25)
+def test_unet_pool_mixes_in_colourless_and_coded_wild_captions(tmp_path):
+    config = PretrainConfig(pool_size=256, unet_wild_share=0.25, unet_wild_codes=0.5)
     vae, tokenizer = models.toy_vae().eval(), models.build_toy_tokenizer()
     (tmp_path / "stages").mkdir()
-    _, input_ids = pretrain.encode_pool(tmp_path, config, vae, tokenizer)
-    texts = tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    pool = pretrain.encode_pool(tmp_path, config, vae, tokenizer)
+    texts = tokenizer.batch_decode(pool["input_ids"], skip_special_tokens=True)
+    coded = (pool["code_slots"] >= 0).any(dim=1)
     colourless = [text for text in texts if not object_words(text) & set(toyworld.COLORS)]
-    assert len(texts) == 256 and len(colourless) == 64
+    assert len(texts) == 256 and len(colourless) + int(coded.sum()) == 64
+    assert 16 <= int(coded.sum()) <= 48  # about half the wild scenes
+    code_word = tokenizer(pretrain.CODE_WORD, add_special_tokens=False).input_ids[0]
+    for ids, slots, features in zip(pool["input_ids"], pool["code_slots"], pool["features"], strict=True):
+        used = slots[slots >= 0]
+        assert (
+            (ids[used] == code_word).all() and len(used) == int(features.any(dim=1).sum()) or len(used) == 0
+        )
+    assert torch.equal(
+        pretrain.encode_pool(tmp_path, config, vae, tokenizer)["code_slots"], pool["code_slots"]
+    )
+
+
+def test_appearance_codes_replace_the_colour_slot_embedding():
+    text_encoder = pretrain.text_encoder_from_clip(
+        transformers.CLIPModel(models.toy_clip_config(len(models.build_toy_tokenizer())))
+    )
+    tokenizer = models.build_toy_tokenizer()
+    ids = tokenizer(
+        ["a red star on a gray background"] * 2, padding="max_length", return_tensors="pt"
+    ).input_ids
+    features = torch.zeros(2, 2, pretrain.CODE_FEATURES)
+    features[0, 0] = torch.from_numpy(pretrain.appearance_features(((0, 128, 128), (255, 105, 180)), "core"))
+    codes = pretrain.appearance_codes(features, text_encoder)
+    slots = torch.tensor([[2, -1], [-1, -1]])
+    plain = text_encoder(ids).last_hidden_state
+    coded = pretrain.encode_text(text_encoder, ids, codes, slots)
+    assert torch.allclose(coded[1], plain[1]) and not torch.allclose(coded[0, 2:], plain[0, 2:])
+    assert torch.allclose(coded[0, :2], plain[0, :2])  # causal: tokens before the code are untouched
+    length = text_encoder.get_input_embeddings().weight.norm(dim=1).median()
+    assert torch.allclose(codes[0, 0].norm(), length)
 
 
 def test_object_weight_counts_object_pixels_more():

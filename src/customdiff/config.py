@@ -187,6 +187,12 @@ class PretrainConfig:
         'a colour ("a small star on a gray background"): class prompts draw a varied class, as in SD, and '
         "the UNet can draw the colours a concept's token steers it to",
     )
+    unet_wild_codes: float = option(
+        0.0,
+        "share of wild scenes whose caption holds an appearance code (an embedding naming its colours and "
+        "pattern) in the colour slot; the rest stay colourless. The UNet so learns a continuous space of "
+        "looks for a concept's token to steer, as Stable Diffusion's vocabulary gives it",
+    )
     held_out: tuple[str, ...] = option(
         (
             "red star grass",
@@ -220,7 +226,7 @@ class PretrainConfig:
                 raise CustomDiffError(
                     f'--held-out "{combination}": write "COLOUR SHAPE BACKGROUND", e.g. "red star grass"'
                 )
-        for name in ("vae_wild_share", "unet_wild_share", "size_dropout"):
+        for name in ("vae_wild_share", "unet_wild_share", "unet_wild_codes", "size_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise CustomDiffError(f"--{name.replace('_', '-')} is a share: give a number from 0 to 1")
         if self.vae_width < 1 or self.vae_width % 16:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
@@ -41,6 +42,9 @@ PREVIEW_PROMPTS = (
     "a small orange ring on a sky background",
 )
 LOG_EVERY = 50
+CODE_FEATURES = 6 + len(toyworld.PATTERNS)  # two RGB colours and a pattern: see appearance_features
+CODE_SEED = 1234
+CODE_WORD = "red"  # holds a wild object's colour slot in its caption; its embedding gives way to the code
 SPLIT_FILE = "customdiff_split.json"  # beside a pretrained model: which captions training never saw
 
 
@@ -75,9 +79,16 @@ def render_batch(rng: np.random.Generator, n: int, config: PretrainConfig) -> tu
 
 def caption_text(caption: toyworld.Caption, rng: np.random.Generator, config: PretrainConfig) -> str:
     """The caption, or a ``size_dropout`` share of one-object ones without their size word."""
+    return str(drop_size(caption, rng, config))
+
+
+def drop_size(
+    caption: toyworld.Caption, rng: np.random.Generator, config: PretrainConfig
+) -> toyworld.Caption:
+    """A ``size_dropout`` share of one-object captions lose their size word; the rest stay as they are."""
     if config.size_dropout and len(caption.things) == 1 and rng.random() < config.size_dropout:
-        caption = unsized(caption)
-    return str(caption)
+        return unsized(caption)
+    return caption
 
 
 def unsized(caption: toyworld.Caption) -> toyworld.Caption:
@@ -88,30 +99,55 @@ def unsized(caption: toyworld.Caption) -> toyworld.Caption:
 
 def render_wild_batch(
     rng: np.random.Generator, n: int, config: PretrainConfig
-) -> tuple[torch.Tensor, list[str]]:
+) -> tuple[torch.Tensor, list[toyworld.Caption], np.ndarray]:
     """(n, 3, 64, 64) in [-1, 1]: one or two objects, each a random pattern (or a solid fill) in random
     colours outside the palette, on the world's backgrounds: what concepts look like, never a built-in.
 
     Their captions name shapes, sizes and background but no colour ("a small star on a gray background"):
     the class prompts of concepts, which thus draw the variety of a class, as "a photo of a cat" does in
-    Stable Diffusion, and a UNet that can draw colours outside the palette for a concept's token to steer.
+    Stable Diffusion. With them, (n, 2, CODE_FEATURES) appearance features of each object, left one
+    first (zeros where there is none), from which the UNet's pool makes appearance codes.
     """
-    images, texts = [], []
-    for _ in range(n):
+    images, captions = [], []
+    features = np.zeros((n, 2, CODE_FEATURES), dtype=np.float32)
+    for index in range(n):
         named = toyworld.sample_caption(rng, int(rng.integers(1, 3)))
         colourless = tuple(dataclasses.replace(thing, color="") for thing in named.things)
         wild = tuple(dataclasses.replace(thing, color=f"<w{i}>") for i, thing in enumerate(named.things))
         concepts = {}
-        for thing in wild:
+        for slot, thing in enumerate(wild):
             colors = tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
-            if rng.random() < 0.25:
-                colors = colors[:1] * 2  # solid
-            concepts[thing.color] = toyworld.Concept(
-                "wild", thing.shape, colors, str(rng.choice(toyworld.PATTERNS)), ""
-            )
+            pattern = str(rng.choice(toyworld.PATTERNS))
+            solid = rng.random() < 0.25
+            if solid:
+                colors = colors[:1] * 2
+            concepts[thing.color] = toyworld.Concept("wild", thing.shape, colors, pattern, "")
+            features[index, slot] = appearance_features(colors, None if solid else pattern)
         images.append(toyworld.render(toyworld.Caption(named.background, wild), rng, concepts))
-        texts.append(caption_text(toyworld.Caption(named.background, colourless), rng, config))
-    return to_tensor(np.stack(images)), texts
+        captions.append(drop_size(toyworld.Caption(named.background, colourless), rng, config))
+    return to_tensor(np.stack(images)), captions, features
+
+
+def appearance_features(colors: tuple[tuple[int, int, int], ...], pattern: str | None) -> np.ndarray:
+    """(CODE_FEATURES,): an object's two colours in [-1, 1] and its pattern, one-hot (none for a solid)."""
+    one_hot = [float(pattern == name) for name in toyworld.PATTERNS]
+    return np.array([c / 127.5 - 1 for color in colors for c in color] + one_hot, dtype=np.float32)
+
+
+def appearance_codes(features: torch.Tensor, text_encoder) -> torch.Tensor:
+    """Token embeddings (..., D) that say how a wild object looks: a fixed random projection of its
+    features, scaled to the length of the text encoder's word embeddings.
+
+    Captioned "a small <code> star on a gray background", wild objects teach the UNet to draw any colours
+    and pattern a point of the embedding space names, as Stable Diffusion's does for its countless words.
+    That continuous space is what a concept's token and K/V steer (the paper's premise); a base model that
+    knew only eight colour words could not draw a concept's.
+    """
+    embeddings = text_encoder.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(CODE_SEED)
+    projection = torch.randn(CODE_FEATURES, embeddings.shape[1], generator=generator)
+    codes = F.normalize(features.float() @ projection.to(features.device), dim=-1)
+    return codes * embeddings.norm(dim=1).median()
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -334,38 +370,82 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
 
 
 @torch.no_grad()
-def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[str, torch.Tensor]:
     """Render and encode the UNet's training pool once: frozen work is never repeated per step.
 
     Returns:
-        latents (N, 4, 16, 16) already scaled, and token ids (N, MAX_TOKENS).
+        ``latents`` (N, 4, 16, 16) already scaled, ``input_ids`` (N, MAX_TOKENS), and for a
+        ``unet_wild_codes`` share of wild scenes the token positions of their appearance codes,
+        ``code_slots`` (N, 2; -1 for none), with the objects' ``features`` (N, 2, CODE_FEATURES).
     """
     path = run_dir / "stages" / "pool.safetensors"
     if path.is_file():
-        from safetensors.torch import load_file
-
         pool = load_file(path)
-        return pool["latents"], pool["input_ids"]
+        if "code_slots" in pool:  # a pool of an older run lacks codes: encode it again
+            return pool
     rng = np.random.default_rng(config.seed + 2)
-    latents, input_ids = [], []
+    (code_word,) = tokenizer(CODE_WORD, add_special_tokens=False).input_ids
+    parts = {"latents": [], "input_ids": [], "code_slots": [], "features": []}
     n_wild = round(256 * config.unet_wild_share)
     for _ in tqdm(range(0, config.pool_size, 256), desc="encode pool"):
         world, world_captions = render_batch(rng, 256 - n_wild, config)
-        wild, wild_captions = render_wild_batch(rng, n_wild, config)
-        images, captions = torch.cat([world, wild]), world_captions + wild_captions
-        latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
-        input_ids.append(tokenizer(captions, padding="max_length", return_tensors="pt").input_ids)
-    pool = {"latents": torch.cat(latents).contiguous(), "input_ids": torch.cat(input_ids).contiguous()}
-    from safetensors.torch import save_file
+        wild, wild_captions, features = render_wild_batch(rng, n_wild, config)
+        coded = rng.random(n_wild) < config.unet_wild_codes
+        wild_texts = [
+            str(with_colour(caption, CODE_WORD) if code else caption)
+            for caption, code in zip(wild_captions, coded, strict=True)
+        ]
+        ids = tokenizer(world_captions + wild_texts, padding="max_length", return_tensors="pt").input_ids
+        slots = torch.full((len(ids), 2), -1)
+        for row in np.flatnonzero(coded) + len(world_captions):
+            positions = (ids[row] == code_word).nonzero().flatten()
+            slots[row, : len(positions)] = positions
+        parts["latents"].append(
+            vae.encode(torch.cat([world, wild])).latent_dist.mean * vae.config.scaling_factor
+        )
+        parts["input_ids"].append(ids)
+        parts["code_slots"].append(slots)
+        parts["features"].append(
+            torch.cat([torch.zeros(len(world), 2, CODE_FEATURES), torch.from_numpy(features)])
+        )
+    pool = {name: torch.cat(tensors).contiguous() for name, tensors in parts.items()}
+    with files.atomic_path(path) as temporary:
+        save_file(pool, temporary)
+    return pool
 
-    save_file(pool, path)
-    return pool["latents"], pool["input_ids"]
+
+def with_colour(caption: toyworld.Caption, color: str) -> toyworld.Caption:
+    """The caption with every object's colour slot holding ``color``."""
+    return toyworld.Caption(
+        caption.background, tuple(dataclasses.replace(t, color=color) for t in caption.things)
+    )
+
+
+def encode_text(
+    text_encoder, input_ids: torch.Tensor, codes: torch.Tensor, slots: torch.Tensor
+) -> torch.Tensor:
+    """Text features (B, L, D) of token ids whose embeddings at ``slots`` (B, 2; -1 for none) are
+    replaced by ``codes`` (B, 2, D) before the transformer sees them."""
+    rows, which = (slots >= 0).nonzero(as_tuple=True)
+
+    def swap(module, args, embeddings):
+        embeddings = embeddings.clone()
+        embeddings[rows, slots[rows, which]] = codes[rows, which].to(embeddings.dtype)
+        return embeddings
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(swap)
+    try:
+        return text_encoder(input_ids).last_hidden_state
+    finally:
+        handle.remove()
 
 
 def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, tokenizer) -> None:
     """The UNet on the noise-prediction loss, min-SNR weighted (Hang et al. 2023), with an EMA copy."""
     text_encoder = text_encoder_from_clip(clip)
-    latents, input_ids = encode_pool(run_dir, config, vae, tokenizer)
+    pool = encode_pool(run_dir, config, vae, tokenizer)
+    latents, input_ids, slots = pool["latents"], pool["input_ids"], pool["code_slots"]
+    codes = appearance_codes(pool["features"], text_encoder)
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids
     scheduler = models.training_scheduler()
     torch.manual_seed(config.seed)
@@ -378,10 +458,14 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
 
     def loss_fn(model, rng):
         index = torch.from_numpy(rng.integers(0, len(latents), config.batch_size))
-        x0, ids = latents[index].to(model.device), input_ids[index].clone()
-        ids[torch.from_numpy(rng.random(config.batch_size) < config.caption_dropout)] = empty_ids
+        x0, ids, batch_slots = latents[index].to(model.device), input_ids[index].clone(), slots[index].clone()
+        dropped = torch.from_numpy(rng.random(config.batch_size) < config.caption_dropout)
+        ids[dropped], batch_slots[dropped] = empty_ids, -1
         with torch.no_grad():
-            context = text_encoder.to(model.device)(ids.to(model.device)).last_hidden_state
+            text_encoder.to(model.device)
+            context = encode_text(
+                text_encoder, ids.to(model.device), codes[index].to(model.device), batch_slots
+            )
         noise = torch.randn_like(x0)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=model.device)
         prediction = model(scheduler.add_noise(x0, noise, timesteps), timesteps, context).sample.float()
