@@ -108,10 +108,10 @@ def test_unet_pool_mixes_in_colourless_and_coded_wild_captions(tmp_path):
 
 
 def test_appearance_codes_replace_the_colour_slot_embedding():
-    text_encoder = pretrain.text_encoder_from_clip(
-        transformers.CLIPModel(models.toy_clip_config(len(models.build_toy_tokenizer())))
-    )
     tokenizer = models.build_toy_tokenizer()
+    text_encoder = pretrain.text_encoder_from_clip(
+        transformers.CLIPModel(models.toy_clip_config(len(tokenizer)))
+    )
     ids = tokenizer(
         ["a red star on a gray background"] * 2, padding="max_length", return_tensors="pt"
     ).input_ids

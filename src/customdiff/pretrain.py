@@ -8,6 +8,7 @@ pipeline is a diffusers ``StableDiffusionPipeline`` folder with the CLIP model b
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -74,12 +75,7 @@ def render_batch(rng: np.random.Generator, n: int, config: PretrainConfig) -> tu
     of one-object captions leave out the size word, as the spec's class and concept prompts do."""
     captions = training_captions(rng, n, config)
     images = np.stack([toyworld.render(caption, rng) for caption in captions])
-    return to_tensor(images), [caption_text(caption, rng, config) for caption in captions]
-
-
-def caption_text(caption: toyworld.Caption, rng: np.random.Generator, config: PretrainConfig) -> str:
-    """The caption, or a ``size_dropout`` share of one-object ones without their size word."""
-    return str(drop_size(caption, rng, config))
+    return to_tensor(images), [str(drop_size(caption, rng, config)) for caption in captions]
 
 
 def drop_size(
@@ -97,6 +93,13 @@ def unsized(caption: toyworld.Caption) -> toyworld.Caption:
     return toyworld.Caption(caption.background, things)
 
 
+def with_colour(caption: toyworld.Caption, color: str) -> toyworld.Caption:
+    """The caption with every object's colour slot holding ``color``."""
+    return toyworld.Caption(
+        caption.background, tuple(dataclasses.replace(t, color=color) for t in caption.things)
+    )
+
+
 def render_wild_batch(
     rng: np.random.Generator, n: int, config: PretrainConfig
 ) -> tuple[torch.Tensor, list[toyworld.Caption], np.ndarray]:
@@ -112,7 +115,6 @@ def render_wild_batch(
     features = np.zeros((n, 2, CODE_FEATURES), dtype=np.float32)
     for index in range(n):
         named = toyworld.sample_caption(rng, int(rng.integers(1, 3)))
-        colourless = tuple(dataclasses.replace(thing, color="") for thing in named.things)
         wild = tuple(dataclasses.replace(thing, color=f"<w{i}>") for i, thing in enumerate(named.things))
         concepts = {}
         for slot, thing in enumerate(wild):
@@ -124,7 +126,7 @@ def render_wild_batch(
             concepts[thing.color] = toyworld.Concept("wild", thing.shape, colors, pattern, "")
             features[index, slot] = appearance_features(colors, None if solid else pattern)
         images.append(toyworld.render(toyworld.Caption(named.background, wild), rng, concepts))
-        captions.append(drop_size(toyworld.Caption(named.background, colourless), rng, config))
+        captions.append(drop_size(with_colour(named, ""), rng, config))
     return to_tensor(np.stack(images)), captions, features
 
 
@@ -279,21 +281,19 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     start = run_dir / "stages" / "vae-init"
     vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else models.toy_vae(config.vae_width)
-    anchor = None
+    anchor = copy.deepcopy(vae).eval().requires_grad_(False) if start.is_dir() else None
     if start.is_dir() and vae.config.block_out_channels[0] != config.vae_width:
         if config.vae_decoder_only:
             raise CustomDiffError(
                 f"--vae-decoder-only keeps the start's encoder, of width {vae.config.block_out_channels[0]}: "
                 f"drop --vae-width {config.vae_width} or --vae-decoder-only"
             )
-        anchor = vae.eval().requires_grad_(False)
         vae = models.toy_vae(config.vae_width)
         vae.register_to_config(scaling_factor=anchor.config.scaling_factor)
     elif start.is_dir() and config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    elif start.is_dir():
-        anchor = AutoencoderKL.from_pretrained(start).eval().requires_grad_(False)
+        anchor = None
     n_wild = round(config.vae_batch_size * config.vae_wild_share)
 
     def loss_fn(model, rng):
@@ -412,13 +412,6 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
     with files.atomic_path(path) as temporary:
         save_file(pool, temporary)
     return pool
-
-
-def with_colour(caption: toyworld.Caption, color: str) -> toyworld.Caption:
-    """The caption with every object's colour slot holding ``color``."""
-    return toyworld.Caption(
-        caption.background, tuple(dataclasses.replace(t, color=color) for t in caption.things)
-    )
 
 
 def encode_text(
