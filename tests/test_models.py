@@ -47,7 +47,9 @@ def test_load_pipeline_runs_a_tiny_sd_folder(tiny_pipeline_dir, tmp_path):
     images = generate.sample(pipe, ["a red star on a gray background"], n=2, steps=2, progress=False)
     assert len(images) == 2 and images[0].dtype == np.uint8 and images[0].shape[2] == 3
     again = generate.sample(pipe, ["a red star on a gray background"], n=1, steps=2, progress=False)
-    np.testing.assert_array_equal(images[0], again[0])  # image i depends on seed + i only
+    # image i depends on seed + i only; batched matmuls may round one grey level apart across CPUs
+    difference = np.abs(images[0].astype(int) - again[0].astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     generate.write_samples(tmp_path / "out", ["a red star on a gray background"], images, n=2)
     lines = (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()
     assert [json.loads(line)["text"] for line in lines] == ["a red star on a gray background"] * 2
