@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs=2, default=["starfish", "donut"], help="two built-in concepts")
     parser.add_argument("--steps", type=int, default=250, help="training steps of every run")
-    parser.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="learning rate per image")
+    parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
     parser.add_argument("--num-reg", type=int, default=200, help="regularization images per concept")
@@ -91,7 +91,7 @@ def main() -> None:
             f"merged, {tokens[1]} prompts": scored(merged, singles[1]),
             "merged, two-concept prompts": scored(merged, two),
         }
-    print(f"\n{' + '.join(args.concepts)}: {args.steps} steps, lr {args.lr}, {args.n} samples a prompt\n")
+    print(f"\n{' + '.join(args.concepts)}: {args.steps} steps, lr {args.lr or "by mode"}, {args.n} samples a prompt\n")
     print(evaluate.markdown_table(rows))
     print(
         f"merge: largest constraint residual {report.residual:.1e} "

@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="+", default=list(toyworld.CONCEPTS), help="built-in concepts")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=250, help="training steps of every run")
-    parser.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="learning rate per image")
+    parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,7 +94,7 @@ def main() -> None:
         mode: {key: float(np.mean([m[key] for m in runs])) for key in COLUMNS} for mode, runs in rows.items()
     }
     print(
-        f"\n{len(args.concepts)} concepts, {args.steps} steps, lr {args.lr:g}, {args.n} samples a prompt, "
+        f"\n{len(args.concepts)} concepts, {args.steps} steps, lr {args.lr or "by mode"}, {args.n} samples a prompt, "
         f"seed {args.seed}\n"
     )
     print("| mode | " + " | ".join(COLUMNS.values()) + " |")

@@ -93,38 +93,48 @@ def test_unet_pool_mixes_in_colourless_and_coded_wild_captions(tmp_path):
     pool = pretrain.encode_pool(tmp_path, config, vae, tokenizer)
     texts = tokenizer.batch_decode(pool["input_ids"], skip_special_tokens=True)
     coded = (pool["code_slots"] >= 0).any(dim=1)
-    colourless = [text for text in texts if not object_words(text) & set(toyworld.COLORS)]
+    named = set(toyworld.COLORS) | set(pretrain.CODE_WORDS)
+    colourless = [text for text in texts if not object_words(text) & named]
     assert len(texts) == 256 and len(colourless) + int(coded.sum()) == 64
     assert 16 <= int(coded.sum()) <= 48  # about half the wild scenes
-    code_word = tokenizer(pretrain.CODE_WORD, add_special_tokens=False).input_ids[0]
+    code_words = pretrain.code_word_ids(tokenizer)
     for ids, slots, features in zip(pool["input_ids"], pool["code_slots"], pool["features"], strict=True):
         used = slots[slots >= 0]
         assert (
-            (ids[used] == code_word).all() and len(used) == int(features.any(dim=1).sum()) or len(used) == 0
+            torch.isin(ids[used], code_words).all()
+            and len(used) == int(features.any(dim=1).sum())
+            or len(used) == 0
         )
     assert torch.equal(
         pretrain.encode_pool(tmp_path, config, vae, tokenizer)["code_slots"], pool["code_slots"]
     )
 
 
-def test_appearance_codes_replace_the_colour_slot_embedding():
+def test_appearance_codes_replace_the_colour_slot_features():
     tokenizer = models.build_toy_tokenizer()
     text_encoder = pretrain.text_encoder_from_clip(
         transformers.CLIPModel(models.toy_clip_config(len(tokenizer)))
     )
     ids = tokenizer(
-        ["a red star on a gray background"] * 2, padding="max_length", return_tensors="pt"
+        ["a ktn star on a gray background"] * 2, padding="max_length", return_tensors="pt"
     ).input_ids
     features = torch.zeros(2, 2, pretrain.CODE_FEATURES)
     features[0, 0] = torch.from_numpy(pretrain.appearance_features(((0, 128, 128), (255, 105, 180)), "core"))
-    codes = pretrain.appearance_codes(features, text_encoder)
+    features[1, 0] = torch.from_numpy(pretrain.appearance_features(((0, 128, 120), (255, 105, 180)), "core"))
+    codes = pretrain.appearance_codes(features, text_encoder, tokenizer)
     slots = torch.tensor([[2, -1], [-1, -1]])
     plain = text_encoder(ids).last_hidden_state
     coded = pretrain.encode_text(text_encoder, ids, codes, slots)
-    assert torch.allclose(coded[1], plain[1]) and not torch.allclose(coded[0, 2:], plain[0, 2:])
-    assert torch.allclose(coded[0, :2], plain[0, :2])  # causal: tokens before the code are untouched
-    length = text_encoder.get_input_embeddings().weight.norm(dim=1).median()
-    assert torch.allclose(codes[0, 0].norm(), length)
+    assert torch.allclose(coded[1], plain[1]) and torch.equal(coded[0, 2], codes[0, 0])
+    assert torch.allclose(coded[0, :2], plain[0, :2]) and torch.allclose(coded[0, 3:], plain[0, 3:])
+    # linear in the features: nearby looks get nearby codes, in the spread of the colour words' features
+    colours = [f"a large {c} star on a gray background" for c in toyworld.COLORS]
+    words = text_encoder(tokenizer(colours, padding="max_length", return_tensors="pt").input_ids)
+    centre = words.last_hidden_state[:, 3].mean(dim=0)
+    spread = (words.last_hidden_state[:, 3] - centre).norm(dim=1).mean()
+    assert 0.3 < float((codes[0, 0] - centre).norm() / spread) < 3
+    assert float((codes[0, 0] - codes[1, 0]).norm() / spread) < 0.1
+    assert torch.equal(codes[0, 1], centre)  # no object: the centre
 
 
 def test_object_weight_counts_object_pixels_more():

@@ -24,6 +24,9 @@ from customdiff.errors import CustomDiffError
 
 CONFIG_FILE_NAME = "run_config.json"
 Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
+# Learning rate per image by mode: the paper's for the weights; Textual Inversion's (diffusers' example)
+# for the token alone, which at the weights' rate would barely move
+DEFAULT_LR: dict[str, float] = {"crossattn_kv": 1e-5, "token": 5e-4}
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
 
@@ -309,7 +312,11 @@ class FinetuneConfig:
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
     num_reg: int = option(200, "number of regularization images")
     steps: int = option(400, "training steps")
-    lr: float = option(1e-5, "learning rate per image with --scale-lr (the paper's 1e-5)")
+    lr: float | None = option(
+        None,
+        "learning rate per image with --scale-lr (default by mode: the paper's 1e-5; for token, the "
+        "Textual Inversion baseline's 5e-4, as a row this small needs)",
+    )
     scale_lr: bool = option(True, "multiply --lr by the batch size × processes, as the paper does")
     batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
     augment: bool = option(True, "the paper's resize augmentation with loss mask and size prefixes")
@@ -342,6 +349,8 @@ class FinetuneConfig:
         for name in ("steps", "num_reg", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise CustomDiffError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
+        if self.lr is None:  # resolved here, so that the saved config says what ran
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"]))
         if self.lr <= 0:
             raise CustomDiffError(f"--lr {self.lr}: pass a positive learning rate")
         if self.reg == "retrieve" and self.reg_dir is None:

@@ -27,7 +27,8 @@ from customdiff.errors import CustomDiffError
 
 TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 AUGMENTATION_WORDS = ("very", "small", "far", "away", "zoomed", "in", "close", "up", "photo", "of", "a")
-RARE_TOKENS = ("ktn", "sks", "zwx", "vlk", "pqd", "hta")  # never in a caption: modifier-token initializers
+# Never in a world caption: modifier tokens start from them, and pretraining puts them in coded colour slots
+RARE_TOKENS = ("ktn", "sks", "zwx", "vlk", "pqd", "hta")
 # Words that start modifier tokens by default: the paper's ktn, pll, ucd (one token each in SD's
 # tokenizer), then the toy tokenizer's rare words.
 INITIALIZER_CANDIDATES = ("ktn", "pll", "ucd", *RARE_TOKENS[1:])

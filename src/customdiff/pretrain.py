@@ -45,7 +45,9 @@ PREVIEW_PROMPTS = (
 LOG_EVERY = 50
 CODE_FEATURES = 6 + len(toyworld.PATTERNS)  # two RGB colours and a pattern: see appearance_features
 CODE_SEED = 1234
-CODE_WORD = "red"  # holds a wild object's colour slot in its caption; its embedding gives way to the code
+# Words that hold a coded object's colour slot: the rare tokens that start modifier tokens, so that a new
+# token begins where the UNet learnt "an object whose look the slot's features name".
+CODE_WORDS = models.RARE_TOKENS
 SPLIT_FILE = "customdiff_split.json"  # beside a pretrained model: which captions training never saw
 
 
@@ -136,20 +138,29 @@ def appearance_features(colors: tuple[tuple[int, int, int], ...], pattern: str |
     return np.array([c / 127.5 - 1 for color in colors for c in color] + one_hot, dtype=np.float32)
 
 
-def appearance_codes(features: torch.Tensor, text_encoder) -> torch.Tensor:
-    """Token embeddings (..., D) that say how a wild object looks: a fixed random projection of its
-    features, scaled to the length of the text encoder's word embeddings.
+def appearance_codes(features: torch.Tensor, text_encoder, tokenizer) -> torch.Tensor:
+    """Text features (..., D) that say how a wild object looks, to stand at its colour slot.
 
-    Captioned "a small <code> star on a gray background", wild objects teach the UNet to draw any colours
-    and pattern a point of the embedding space names, as Stable Diffusion's does for its countless words.
-    That continuous space is what a concept's token and K/V steer (the paper's premise); a base model that
-    knew only eight colour words could not draw a concept's.
+    A fixed random linear map of the object's features, centred on the features colour words get in
+    that slot and as spread as theirs. Captioned "a small ktn star on a gray background" with the slot's
+    output swapped for its code, wild objects teach the UNet to draw any colours and pattern a point of
+    that space names, as Stable Diffusion's countless words teach it. That continuous space is what a
+    concept's K/V steer (the paper's premise); a UNet that knew only eight colour words could not draw a
+    concept's, and linear codes after the text encoder reach it where codes fed through it did not.
     """
-    embeddings = text_encoder.get_input_embeddings().weight
+    captions = [f"a large {color} star on a gray background" for color in toyworld.COLORS]
+    ids = tokenizer(captions, padding="max_length", return_tensors="pt").input_ids.to(text_encoder.device)
+    slot = int((ids[0] != ids[1]).nonzero()[0])
+    with torch.no_grad():
+        colour_features = text_encoder(ids).last_hidden_state[:, slot].float()
+    centre = colour_features.mean(dim=0)
+    spread = (colour_features - centre).pow(2).sum(dim=1).mean().sqrt()
     generator = torch.Generator().manual_seed(CODE_SEED)
-    projection = torch.randn(CODE_FEATURES, embeddings.shape[1], generator=generator)
-    codes = F.normalize(features.float() @ projection.to(features.device), dim=-1)
-    return codes * embeddings.norm(dim=1).median()
+    # Random colours in [-1, 1] and a one-hot pattern give |features|² ≈ 3, so codes lie ≈ spread away
+    projection = (
+        torch.randn(CODE_FEATURES, len(centre), generator=generator) * spread / math.sqrt(3 * len(centre))
+    )
+    return centre.cpu() + features.float() @ projection
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -381,10 +392,9 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
     path = run_dir / "stages" / "pool.safetensors"
     if path.is_file():
         pool = load_file(path)
-        if "code_slots" in pool:  # a pool of an older run lacks codes: encode it again
+        if "code_slots" in pool and _holds_code_words(pool, tokenizer):  # else of an older run: again
             return pool
     rng = np.random.default_rng(config.seed + 2)
-    (code_word,) = tokenizer(CODE_WORD, add_special_tokens=False).input_ids
     parts = {"latents": [], "input_ids": [], "code_slots": [], "features": []}
     n_wild = round(256 * config.unet_wild_share)
     for _ in tqdm(range(0, config.pool_size, 256), desc="encode pool"):
@@ -392,13 +402,13 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
         wild, wild_captions, features = render_wild_batch(rng, n_wild, config)
         coded = rng.random(n_wild) < config.unet_wild_codes
         wild_texts = [
-            str(with_colour(caption, CODE_WORD) if code else caption)
+            str(with_colour(caption, str(rng.choice(CODE_WORDS))) if code else caption)
             for caption, code in zip(wild_captions, coded, strict=True)
         ]
         ids = tokenizer(world_captions + wild_texts, padding="max_length", return_tensors="pt").input_ids
         slots = torch.full((len(ids), 2), -1)
         for row in np.flatnonzero(coded) + len(world_captions):
-            positions = (ids[row] == code_word).nonzero().flatten()
+            positions = torch.isin(ids[row], code_word_ids(tokenizer)).nonzero().flatten()
             slots[row, : len(positions)] = positions
         parts["latents"].append(
             vae.encode(torch.cat([world, wild])).latent_dist.mean * vae.config.scaling_factor
@@ -414,23 +424,26 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
     return pool
 
 
+def code_word_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor(tokenizer(list(CODE_WORDS), add_special_tokens=False).input_ids).flatten()
+
+
+def _holds_code_words(pool: dict[str, torch.Tensor], tokenizer) -> bool:
+    """Whether the pool's code slots hold today's CODE_WORDS (an older run's held a colour word)."""
+    rows, which = (pool["code_slots"] >= 0).nonzero(as_tuple=True)
+    words = pool["input_ids"][rows, pool["code_slots"][rows, which]]
+    return bool(torch.isin(words, code_word_ids(tokenizer)).all())
+
+
 def encode_text(
     text_encoder, input_ids: torch.Tensor, codes: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
-    """Text features (B, L, D) of token ids whose embeddings at ``slots`` (B, 2; -1 for none) are
-    replaced by ``codes`` (B, 2, D) before the transformer sees them."""
+    """Text features (B, L, D) of token ids, with those at ``slots`` (B, 2; -1 for none) replaced by
+    ``codes`` (B, 2, D)."""
+    features = text_encoder(input_ids).last_hidden_state.clone()
     rows, which = (slots >= 0).nonzero(as_tuple=True)
-
-    def swap(module, args, embeddings):
-        embeddings = embeddings.clone()
-        embeddings[rows, slots[rows, which]] = codes[rows, which].to(embeddings.dtype)
-        return embeddings
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(swap)
-    try:
-        return text_encoder(input_ids).last_hidden_state
-    finally:
-        handle.remove()
+    features[rows, slots[rows, which]] = codes[rows, which].to(features)
+    return features
 
 
 def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, tokenizer) -> None:
@@ -438,7 +451,7 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
     text_encoder = text_encoder_from_clip(clip)
     pool = encode_pool(run_dir, config, vae, tokenizer)
     latents, input_ids, slots = pool["latents"], pool["input_ids"], pool["code_slots"]
-    codes = appearance_codes(pool["features"], text_encoder)
+    codes = appearance_codes(pool["features"], text_encoder, tokenizer)
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids
     scheduler = models.training_scheduler()
     torch.manual_seed(config.seed)
