@@ -91,7 +91,10 @@ def main() -> None:
             f"merged, {tokens[1]} prompts": scored(merged, singles[1]),
             "merged, two-concept prompts": scored(merged, two),
         }
-    print(f"\n{' + '.join(args.concepts)}: {args.steps} steps, lr {args.lr or "by mode"}, {args.n} samples a prompt\n")
+    print(
+        f"\n{' + '.join(args.concepts)}: {args.steps} steps, lr {args.lr or 'by mode'}, "
+        f"{args.n} samples a prompt\n"
+    )
     print(evaluate.markdown_table(rows))
     print(
         f"merge: largest constraint residual {report.residual:.1e} "

@@ -94,8 +94,8 @@ def main() -> None:
         mode: {key: float(np.mean([m[key] for m in runs])) for key in COLUMNS} for mode, runs in rows.items()
     }
     print(
-        f"\n{len(args.concepts)} concepts, {args.steps} steps, lr {args.lr or "by mode"}, {args.n} samples a prompt, "
-        f"seed {args.seed}\n"
+        f"\n{len(args.concepts)} concepts, {args.steps} steps, lr {args.lr or 'by mode'}, "
+        f"{args.n} samples a prompt, seed {args.seed}\n"
     )
     print("| mode | " + " | ".join(COLUMNS.values()) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")

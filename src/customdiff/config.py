@@ -192,9 +192,10 @@ class PretrainConfig:
     )
     unet_wild_codes: float = option(
         0.0,
-        "share of wild scenes whose caption holds an appearance code (an embedding naming its colours and "
-        "pattern) in the colour slot; the rest stay colourless. The UNet so learns a continuous space of "
-        "looks for a concept's token to steer, as Stable Diffusion's vocabulary gives it",
+        "share of wild scenes whose caption holds a rare word in the colour slot, its text features there "
+        "replaced by an appearance code (a linear map of its colours and pattern); the rest stay "
+        "colourless. The UNet so learns a continuous space of looks for a concept's K/V to steer, as "
+        "Stable Diffusion's vocabulary gives it",
     )
     held_out: tuple[str, ...] = option(
         (
