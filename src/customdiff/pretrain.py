@@ -146,7 +146,8 @@ def appearance_codes(features: torch.Tensor, text_encoder, tokenizer) -> torch.T
     output swapped for its code, wild objects teach the UNet to draw any colours and pattern a point of
     that space names, as Stable Diffusion's countless words teach it. That continuous space is what a
     concept's K/V steer (the paper's premise); a UNet that knew only eight colour words could not draw a
-    concept's, and linear codes after the text encoder reach it where codes fed through it did not.
+    concept's. After the encoder, the map from a look to its features is linear, which codes fed in as
+    token embeddings were not (the README says how far either has got).
     """
     captions = [f"a large {color} star on a gray background" for color in toyworld.COLORS]
     ids = tokenizer(captions, padding="max_length", return_tensors="pt").input_ids.to(text_encoder.device)
@@ -425,6 +426,7 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
 
 
 def code_word_ids(tokenizer) -> torch.Tensor:
+    """Token ids of CODE_WORDS, one each."""
     return torch.tensor(tokenizer(list(CODE_WORDS), add_special_tokens=False).input_ids).flatten()
 
 
