@@ -440,11 +440,18 @@ def _holds_code_words(pool: dict[str, torch.Tensor], tokenizer) -> bool:
 def encode_text(
     text_encoder, input_ids: torch.Tensor, codes: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:
-    """Text features (B, L, D) of token ids, with those at ``slots`` (B, 2; -1 for none) replaced by
-    ``codes`` (B, 2, D)."""
+    """Text features (B, L, D) of token ids; at ``slots`` (B, 2; -1 for none) they become ``codes``
+    (B, 2, D), and the shape word after each slot moves with them.
+
+    The UNet reads an object's colour from its noun's features as much as from the colour word's: codes
+    at the slot alone were still ignored after 3000 steps, moved with the noun they were read at once.
+    """
     features = text_encoder(input_ids).last_hidden_state.clone()
     rows, which = (slots >= 0).nonzero(as_tuple=True)
-    features[rows, slots[rows, which]] = codes[rows, which].to(features)
+    at = slots[rows, which]
+    shift = codes[rows, which].to(features) - features[rows, at]
+    for offset in (0, 1):  # the colour slot and the shape word it qualifies
+        features[rows, at + offset] += shift
     return features
 
 
