@@ -225,7 +225,7 @@ def test_config_checks_run_on_construction():
         config.ToyConceptConfig(name="starfish", out=Path("x"), n=9)
 
 
-def test_learning_rate_defaults_by_mode_and_is_saved_resolved():
+def test_learning_rate_defaults_by_mode_resolved_on_construction():
     assert config.FinetuneConfig(Path("x"), "star").lr == 1e-5  # the paper's, for the weights
     assert config.FinetuneConfig(Path("x"), "star", mode="token").lr == 5e-4  # Textual Inversion's
     assert config.FinetuneConfig(Path("x"), "star", mode="token", lr=1e-3).lr == 1e-3

@@ -293,7 +293,9 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     torch.manual_seed(config.seed)
     start = run_dir / "stages" / "vae-init"
     vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else models.toy_vae(config.vae_width)
-    anchor = copy.deepcopy(vae).eval().requires_grad_(False) if start.is_dir() else None
+    # anchored to the start's latents of world scenes, unless a frozen encoder (decoder-only) keeps them all
+    anchored = start.is_dir() and not config.vae_decoder_only
+    anchor = copy.deepcopy(vae).eval().requires_grad_(False) if anchored else None
     if start.is_dir() and vae.config.block_out_channels[0] != config.vae_width:
         if config.vae_decoder_only:
             raise CustomDiffError(
@@ -305,7 +307,6 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     elif start.is_dir() and config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-        anchor = None
     n_wild = round(config.vae_batch_size * config.vae_wild_share)
 
     def loss_fn(model, rng):
@@ -396,6 +397,7 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
         if "code_slots" in pool and _holds_code_words(pool, tokenizer):  # else of an older run: again
             return pool
     rng = np.random.default_rng(config.seed + 2)
+    code_words = code_word_ids(tokenizer)
     parts = {"latents": [], "input_ids": [], "code_slots": [], "features": []}
     n_wild = round(256 * config.unet_wild_share)
     for _ in tqdm(range(0, config.pool_size, 256), desc="encode pool"):
@@ -409,7 +411,7 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
         ids = tokenizer(world_captions + wild_texts, padding="max_length", return_tensors="pt").input_ids
         slots = torch.full((len(ids), 2), -1)
         for row in np.flatnonzero(coded) + len(world_captions):
-            positions = torch.isin(ids[row], code_word_ids(tokenizer)).nonzero().flatten()
+            positions = torch.isin(ids[row], code_words).nonzero().flatten()
             slots[row, : len(positions)] = positions
         parts["latents"].append(
             vae.encode(torch.cat([world, wild])).latent_dist.mean * vae.config.scaling_factor
