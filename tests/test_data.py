@@ -53,14 +53,11 @@ def pasted_box(pixels: torch.Tensor) -> tuple[int, int, int]:
 
 def test_random_view_follows_the_papers_resize_augmentation():
     rng = np.random.default_rng(0)
-    tokenizer = models.build_toy_tokenizer()
-    tokenizer.add_tokens(TOKEN)
     kinds = {"far": 0, "near": 0, "pasted": 0}
     for _ in range(300):
-        view = data.random_view(white_example(), FACTOR, rng)
-        models.check_prompt(tokenizer, view.caption)  # every prefix word is a toy word
+        view = data.random_view(white_example("photo of a <new1> star"), FACTOR, rng)
         prefix, _, rest = view.caption.rpartition(", ")
-        assert rest == "a <new1> star on a sand background"
+        assert rest == "photo of a <new1> star"
         assert view.pixels.shape == (3, SIZE, SIZE) and view.mask.shape == (SIZE // FACTOR,) * 2
         if prefix in data.NEAR_PREFIXES or view.pixels.min() > 0.5:  # zoomed in (or exactly full size)
             assert torch.all(view.mask == 1) and torch.all(view.pixels > 0.5)
@@ -80,6 +77,24 @@ def test_random_view_follows_the_papers_resize_augmentation():
     assert 70 < kinds["near"] < 130  # 1/3 zoom in
     assert 50 < kinds["far"] < 110  # 2/3 × (0.6 - 1/3) / (2/3) ≈ 0.27 far away
     assert kinds["pasted"] > kinds["far"]
+
+
+def test_random_view_of_a_toy_caption_names_the_size_in_the_grammar():
+    """The toy text encoder never saw "close up" or "far away": views keep to the grammar it knows."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        view = data.random_view(white_example("a large <new1> star on a sand background"), FACTOR, rng)
+        if view.pixels.min() > 0.5:  # zoomed in (or exactly full size): the size is not known
+            assert view.caption in (
+                "a <new1> star on a sand background",
+                "a large <new1> star on a sand background",
+            )
+        elif pasted_box(view.pixels)[2] < 0.6 * SIZE:  # far away: small
+            assert view.caption == "a small <new1> star on a sand background"
+        else:
+            assert view.caption == "a <new1> star on a sand background"
+    two = "a <new1> star and a red circle on a sand background"  # two-object captions name no size
+    assert data.resized_caption(two, data.FAR_PREFIXES[0]) == two
 
 
 def test_random_view_flips_half_the_time_and_keeps_the_image_without_augmentation():
@@ -108,7 +123,7 @@ def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, 
     assert pool.latents.shape == (len(pool), 4, side, side) and pool.masks.shape == (len(pool), 1, side, side)
     again = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=3)
     assert torch.equal(pool.latents, again.latents) and pool.captions == again.captions
-    assert any(caption.startswith(data.FAR_PREFIXES) for caption in pool.captions)
+    assert any(caption.startswith("a small") for caption in pool.captions)  # far-away views
 
 
 def test_class_prompts_take_the_token_out():
