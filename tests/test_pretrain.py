@@ -110,7 +110,7 @@ def test_unet_pool_mixes_in_colourless_and_coded_wild_captions(tmp_path):
     )
 
 
-def test_appearance_codes_replace_the_colour_slot_features():
+def test_appearance_codes_replace_the_colour_slot_and_move_its_shape_word():
     tokenizer = models.build_toy_tokenizer()
     text_encoder = pretrain.text_encoder_from_clip(
         transformers.CLIPModel(models.toy_clip_config(len(tokenizer)))
