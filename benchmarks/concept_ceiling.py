@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from customdiff import concept, data, evaluate, files, finetune, generate, models, toyjudge, toyworld
+from base_components import reconstruct  # benchmarks/, first on the path when run as a script
+from customdiff import concept, evaluate, files, finetune, generate, models, toyjudge, toyworld
 from customdiff.config import FinetuneConfig
 
 STRENGTHS = (0.2, 0.5, 0.8)
@@ -41,18 +42,10 @@ def concept_share(images: list[np.ndarray], captions: list[str], signature: np.n
     return 100 * float(np.mean(found))
 
 
-@torch.no_grad()
-def through_vae(pipe, images: list) -> list[np.ndarray]:
-    """The images encoded to their latent means and decoded, as uint8 arrays."""
-    pixels = torch.stack([data.to_pixels(image) for image in images])
-    decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
-    return [((x.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy() for x in decoded]
-
-
-def sdedit(pipe, images: list, captions: list[str], strength: float, n: int, seed: int) -> list[np.ndarray]:
+def sdedit(
+    img2img, images: list, captions: list[str], strength: float, n: int, seed: int
+) -> list[np.ndarray]:
     """``n`` SDEdit results per image (prompt-major), DDIM from the images noised to ``strength``."""
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
     results = []
     for image, caption in zip(images, captions, strict=True):
         output = img2img(
@@ -67,9 +60,11 @@ def sdedit(pipe, images: list, captions: list[str], strength: float, n: int, see
 def ceiling_row(pipe, images: list, captions: list[str], signature: np.ndarray, args) -> dict[str, float]:
     """The concept's share at every SDEdit strength and guidance, with the pipeline as it stands."""
     repeated = [caption for caption in captions for _ in range(args.n)]
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)  # shares the pipeline's modules
+    img2img.set_progress_bar_config(disable=True)
     row = {}
     for strength in STRENGTHS:
-        edited = sdedit(pipe, images, captions, strength, args.n, args.seed)
+        edited = sdedit(img2img, images, captions, strength, args.n, args.seed)
         row[f"sdedit {strength}"] = concept_share(edited, repeated, signature)
     for guidance in GUIDANCES:
         sampled = generate.sample(pipe, captions, args.n, SAMPLING_STEPS, guidance, args.seed, progress=False)
@@ -97,7 +92,8 @@ def main() -> None:
         files.write_image_folder(folder, toyworld.concept_scenes(built_in, 6, seed=args.seed))
         records = files.read_image_folder(folder)
         images, captions = [image for _, image, _ in records], [caption for _, _, caption in records]
-        vae_share = concept_share(through_vae(pipe, images), captions, signature)
+        reconstructions, _ = reconstruct(pipe.vae, np.stack([np.asarray(image) for image in images]))
+        vae_share = concept_share(list(reconstructions), captions, signature)
         for run in args.runs:
             mode, lr = run.split("=")
             config = FinetuneConfig(
