@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=models.TOY_MODEL_DIR, help="diffusers SD folder")
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's, else 6)")
     parser.add_argument("--prompts", type=int, default=200, help="unseen prompts in all")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt choice and sampling")
     args = parser.parse_args()

@@ -19,7 +19,8 @@ def test_generate_one_prompt(run_cli, tiny_pipeline_dir, tmp_path):
     )
     assert code == 0, stdout
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
-    assert (out / "run_config.json").is_file()
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["guidance"] == 6.0  # resolved: a folder without customdiff_sampling.json gets the paper's
 
 
 def test_generate_prompts_file_writes_metadata(run_cli, tiny_pipeline_dir, tmp_path):

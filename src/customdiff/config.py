@@ -250,7 +250,7 @@ class GenerateConfig:
     prompts: Path | None = option(None, "text file with one prompt a line, all generated in one run")
     n: int = option(4, "images per prompt")
     steps: int = option(50, "sampling steps")
-    guidance: float = option(6.0, "classifier-free guidance scale")
+    guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
     seed: int = option(0, "seed of image 0; image i uses seed + i")
     model: Path | None = option(None, "diffusers Stable Diffusion folder (default: the toy model)")
     concept: Path | None = option(None, "concept.safetensors (or its folder) to apply to the model first")
@@ -423,7 +423,7 @@ class EvalConfig:
     clip: Path | None = option(None, "transformers CLIP folder for the metrics (default: MODEL/clip)")
     n: int = option(4, "samples per prompt")
     steps: int = option(50, "sampling steps")
-    guidance: float = option(6.0, "classifier-free guidance scale")
+    guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
     seed: int = option(0, "seed of sample 0 of each prompt")
 
     def __post_init__(self) -> None:

@@ -190,7 +190,7 @@ def evaluate(
     prompts: Prompts,
     n: int = 4,
     steps: int = 50,
-    guidance: float = 6.0,
+    guidance: float | None = None,
     seed: int = 0,
     samples_dir: Path | None = None,
 ) -> dict[str, float]:
@@ -278,6 +278,8 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
             f"that name {loaded.tokens[0]}"
         )
     clip = ClipFeatures(config.clip or Path(pipe.name_or_path) / "clip", pipe.tokenizer)
+    if config.guidance is None:  # resolved here, so that the saved config says what ran
+        config = dataclasses.replace(config, guidance=models.recommended_guidance(pipe))
     metrics = evaluate(
         pipe,
         loaded,

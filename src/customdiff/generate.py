@@ -18,18 +18,20 @@ def sample(
     prompts: list[str],
     n: int = 4,
     steps: int = 50,
-    guidance: float = 6.0,
+    guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[np.ndarray]:
-    """``n`` images per prompt, (H, W, 3) uint8, prompt-major.
+    """``n`` images per prompt, (H, W, 3) uint8, prompt-major, at ``guidance`` (default: the model's
+    ``models.recommended_guidance``).
 
     Image ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the
     batch size or on the other prompts of the run.
     """
     for prompt in prompts:
         models.check_prompt(pipe.tokenizer, prompt)
+    guidance = models.recommended_guidance(pipe) if guidance is None else guidance
     jobs = [(prompt, seed + index) for prompt in prompts for index in range(n)]
     device = pipe.unet.device
     images = []
