@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+from PIL import Image
+
 
 def test_generate_one_prompt(run_cli, tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
@@ -21,6 +24,14 @@ def test_generate_one_prompt(run_cli, tiny_pipeline_dir, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
     config = json.loads((out / "run_config.json").read_text())
     assert config["guidance"] == 6.0  # resolved: a folder without customdiff_sampling.json gets the paper's
+    steered = tmp_path / "steered"
+    code, stdout, _ = run_cli(
+        "generate", "a red star on a gray background", "--n", 1, "--steps", 2, "--model", tiny_pipeline_dir,
+        "--negative-prompt", "a red star", "-o", steered,
+    )  # fmt: skip
+    assert code == 0, stdout
+    first, other = (np.asarray(Image.open(folder / "00000.png")) for folder in (out, steered))
+    assert not np.array_equal(first, other)
 
 
 def test_generate_prompts_file_writes_metadata(run_cli, tiny_pipeline_dir, tmp_path):
@@ -64,6 +75,17 @@ def test_train_then_generate_with_the_concept(run_cli, tiny_pipeline_dir, tmp_pa
         runs[name] = (code, err, out)
     assert runs["with"][0] == 0
     assert runs["without"][0] == 2 and '"<new1>"' in runs["without"][1]  # no concept: an unknown word
+
+
+def test_negative_prompts_steer_and_the_empty_one_is_the_default(tiny_pipeline_dir):
+    from customdiff import generate, models
+
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    prompt = ["a red star on a gray background"]
+    plain = generate.sample(pipe, prompt, n=1, steps=2, progress=False)
+    empty = generate.sample(pipe, prompt, n=1, steps=2, progress=False, negative_prompts=[""])
+    steered = generate.sample(pipe, prompt, n=1, steps=2, progress=False, negative_prompts=["a red star"])
+    assert np.array_equal(plain[0], empty[0]) and not np.array_equal(plain[0], steered[0])
 
 
 def test_train_needs_images_and_class_word(run_cli, tmp_path):

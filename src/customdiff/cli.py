@@ -110,8 +110,9 @@ def generate(config: GenerateConfig) -> None:
     if config.guidance is None:  # resolved here, so that the saved config says what ran
         config = dataclasses.replace(config, guidance=models.recommended_guidance(pipe))
     images = sampling.sample(
-        pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size
-    )
+        pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
+        negative_prompts=[config.negative_prompt] * len(prompts),
+    )  # fmt: skip
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)
     print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {config.out}")

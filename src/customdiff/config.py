@@ -254,6 +254,7 @@ class GenerateConfig:
     seed: int = option(0, "seed of image 0; image i uses seed + i")
     model: Path | None = option(None, "diffusers Stable Diffusion folder (default: the toy model)")
     concept: Path | None = option(None, "concept.safetensors (or its folder) to apply to the model first")
+    negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     batch_size: int = option(16, "images denoised at once")
 
     def __post_init__(self) -> None:

@@ -22,25 +22,32 @@ def sample(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    negative_prompts: list[str] | None = None,
 ) -> list[np.ndarray]:
     """``n`` images per prompt, (H, W, 3) uint8, prompt-major, at ``guidance`` (default: the model's
-    ``models.recommended_guidance``).
+    ``models.recommended_guidance``), guided away from each prompt's negative prompt (default: empty).
 
     Image ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the
     batch size or on the other prompts of the run.
     """
-    for prompt in prompts:
+    negative_prompts = negative_prompts or [""] * len(prompts)
+    for prompt in prompts + negative_prompts:
         models.check_prompt(pipe.tokenizer, prompt)
     guidance = models.recommended_guidance(pipe) if guidance is None else guidance
-    jobs = [(prompt, seed + index) for prompt in prompts for index in range(n)]
+    jobs = [
+        (prompt, negative, seed + index)
+        for prompt, negative in zip(prompts, negative_prompts, strict=True)
+        for index in range(n)
+    ]
     device = pipe.unet.device
     images = []
     batches = range(0, len(jobs), batch_size)
     for start in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2):
         batch = jobs[start : start + batch_size]
-        generators = [torch.Generator(device).manual_seed(job_seed) for _, job_seed in batch]
+        generators = [torch.Generator(device).manual_seed(job_seed) for _, _, job_seed in batch]
         output = pipe(
-            [prompt for prompt, _ in batch],
+            [prompt for prompt, _, _ in batch],
+            negative_prompt=[negative for _, negative, _ in batch],
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generators,
