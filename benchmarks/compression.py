@@ -4,7 +4,7 @@ Trains one built-in concept, keeps the top singular values of every delta by
 energy share and by fixed rank, and prints for each the file size and the paper's metrics with the toy
 judge's concept-present share, against the full delta, as the paper's 75 → 15 → 5 → 1 MB figure.
 
-    python benchmarks/compression.py [--concept starfish] [--steps 250] [--n 4]
+    python benchmarks/compression.py [--concept starfish] [--steps N] [--n 4]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ COLUMNS = ("file_mb", "text_alignment", "image_alignment", "judge_new_context_co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", default="starfish", help="built-in concept to train")
-    parser.add_argument("--steps", type=int, default=250, help="training steps")
+    parser.add_argument("--steps", type=int, help="training steps (default: the model's, else 400)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
     parser.add_argument("--num-reg", type=int, default=200, help="regularization images per concept")
@@ -58,7 +58,7 @@ def main() -> None:
             )
             rows[name] = {"file_mb": path.stat().st_size / 2**20, **metrics}
             print(f"{name}: " + ", ".join(f"{k} {rows[name][k]:.3f}" for k in COLUMNS), flush=True)
-    print(f"\n{built_in.name}, {args.steps} steps, {args.n} samples a prompt\n")
+    print(f"\n{built_in.name}, {args.steps or 'default'} steps, {args.n} samples a prompt\n")
     print(evaluate.markdown_table({name: {k: row[k] for k in COLUMNS} for name, row in rows.items()}))
 
 

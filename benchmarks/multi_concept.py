@@ -5,7 +5,7 @@ Trains ``<new1>`` (default: the starfish, a star) and ``<new2>`` (the donut, a r
 jointly, merges the separate ones, and compresses ``<new1>`` to 60% of its singular-value energy. Each is
 sampled on the paper's prompt kinds and read by the toy judge.
 
-    python benchmarks/multi_concept.py [--concepts starfish donut] [--steps 250] [--n 4]
+    python benchmarks/multi_concept.py [--concepts starfish donut] [--steps N] [--n 4]
 
 Prints a table and the issue's floors: two-concept prompts with both concepts present — joint ≥ 60%,
 merged ≥ 50%; each concept's single-concept score after merging ≥ 90% of its own model's; compression
@@ -28,7 +28,9 @@ BOTH = "judge_two_concepts_concept_present"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs=2, default=["starfish", "donut"], help="two built-in concepts")
-    parser.add_argument("--steps", type=int, default=250, help="training steps of every run")
+    parser.add_argument(
+        "--steps", type=int, help="training steps of every run (default: the model's, else 400)"
+    )
     parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
@@ -92,7 +94,7 @@ def main() -> None:
             "merged, two-concept prompts": scored(merged, two),
         }
     print(
-        f"\n{' + '.join(args.concepts)}: {args.steps} steps, lr {args.lr or 'by mode'}, "
+        f"\n{' + '.join(args.concepts)}: {args.steps or 'default'} steps, lr {args.lr or 'by mode'}, "
         f"{args.n} samples a prompt\n"
     )
     print(evaluate.markdown_table(rows))

@@ -5,7 +5,7 @@ DreamBooth-like, ``token`` Textual-Inversion-like) it trains with the same steps
 and scores with ``customdiff.evaluate`` (text alignment, image alignment, KID, the judge). Prints one
 row per mode, averaged over the concepts, and the floors of the issue beside it.
 
-    python benchmarks/paper_table.py [--concepts starfish donut] [--steps 250] [--n 4]
+    python benchmarks/paper_table.py [--concepts starfish donut] [--steps N] [--n 4]
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs="+", default=list(toyworld.CONCEPTS), help="built-in concepts")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--steps", type=int, default=250, help="training steps of every run")
+    parser.add_argument(
+        "--steps", type=int, help="training steps of every run (default: the model's, else 400)"
+    )
     parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt")
     parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
@@ -94,7 +96,7 @@ def main() -> None:
         mode: {key: float(np.mean([m[key] for m in runs])) for key in COLUMNS} for mode, runs in rows.items()
     }
     print(
-        f"\n{len(args.concepts)} concepts, {args.steps} steps, lr {args.lr or 'by mode'}, "
+        f"\n{len(args.concepts)} concepts, {args.steps or 'default'} steps, lr {args.lr or 'by mode'}, "
         f"{args.n} samples a prompt, seed {args.seed}\n"
     )
     print("| mode | " + " | ".join(COLUMNS.values()) + " |")

@@ -225,10 +225,51 @@ def test_config_checks_run_on_construction():
         config.ToyConceptConfig(name="starfish", out=Path("x"), n=9)
 
 
-def test_learning_rate_defaults_by_mode_resolved_on_construction():
-    assert config.FinetuneConfig(Path("x"), "star").lr == 1e-5  # the paper's, for the weights
-    assert config.FinetuneConfig(Path("x"), "star", mode="token").lr == 5e-4  # Textual Inversion's
-    assert config.FinetuneConfig(Path("x"), "star", mode="token", lr=1e-3).lr == 1e-3
+def test_learning_rate_defaults_by_mode_resolved_on_construction(tmp_path):
+    paper = {"model": tmp_path}  # a folder without customdiff_defaults.toml: the paper's settings
+    assert config.FinetuneConfig(Path("x"), "star", **paper).lr == 1e-5  # the paper's, for the weights
+    assert config.FinetuneConfig(Path("x"), "star", mode="token", **paper).lr == 5e-4  # Textual Inversion's
+    assert config.FinetuneConfig(Path("x"), "star", mode="token", lr=1e-3, **paper).lr == 1e-3
+    default = config.FinetuneConfig(Path("x"), "star", **paper)
+    assert (default.steps, default.augment) == (400, True)
+
+
+def test_a_model_folder_sets_its_own_defaults_and_flags_win(tmp_path):
+    (tmp_path / config.MODEL_DEFAULTS_FILE).write_text(
+        "[train]\nsteps = 50\naugment = false\n[train.lr]\ncrossattn_kv = 2e-4\n[generate]\nguidance = 2.5\n"
+    )
+    kv = config.FinetuneConfig(Path("x"), "star", model=tmp_path)
+    assert (kv.steps, kv.lr, kv.augment) == (50, 2e-4, False)
+    assert (
+        config.FinetuneConfig(Path("x"), "star", model=tmp_path, mode="token").lr == 5e-4
+    )  # no entry: its own
+    assert config.FinetuneConfig(Path("x"), "star", model=tmp_path, steps=7, augment=True).steps == 7
+    assert config.GenerateConfig("a red star", model=tmp_path).guidance == 2.5
+    assert config.EvalConfig(Path("c"), model=tmp_path).guidance == config.PAPER_GUIDANCE  # no [eval] table
+    toy = config.FinetuneConfig(Path("x"), "star")  # the shipped toy model's own (README, "Model defaults")
+    assert (toy.steps, toy.lr, toy.augment, config.GenerateConfig("a red star").guidance) == (
+        6000,
+        1e-4,
+        False,
+        3.0,
+    )
+
+
+@pytest.mark.parametrize(
+    "table, part",
+    [
+        ("[train]\nnum_reg = 5\n", "may set only steps, lr, augment"),
+        ("[train]\nsteps = 'many'\n", "key \"steps\" is 'many'; expected int"),
+        ("[train.lr]\nwide = 1e-4\n", "names no mode ['wide']"),
+        ("[train\n", "is not valid TOML"),
+    ],
+)
+def test_a_bad_model_defaults_file_is_named(run_cli, tmp_path, table, part):
+    (tmp_path / config.MODEL_DEFAULTS_FILE).write_text(table)
+    code, _, err = run_cli("train", "--images", tmp_path, "--class-word", "star", "--model", tmp_path)
+    assert (
+        code == 2 and config.MODEL_DEFAULTS_FILE in err and part in err and len(err.strip().splitlines()) == 1
+    )
 
 
 # ------------------------------------------------------------------------------------------ installed script

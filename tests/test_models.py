@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from customdiff import generate, models
+from customdiff import config, generate, models
 from customdiff.errors import CustomDiffError
 
 
@@ -105,13 +105,12 @@ def test_shipped_toy_model_loads_with_diffusers_alone_and_fits_its_budget():
 
 def test_recommended_guidance_reads_the_model_folder_else_the_papers(tmp_path):
     pipe = types.SimpleNamespace(name_or_path=str(tmp_path))
-    assert models.recommended_guidance(pipe) == models.PAPER_GUIDANCE == 6.0
-    assert models.recommended_guidance(types.SimpleNamespace(name_or_path=None)) == 6.0
-    (tmp_path / models.SAMPLING_FILE).write_text('{"guidance_scale": 2.5}')
+    assert models.recommended_guidance(pipe) == config.PAPER_GUIDANCE == 6.0
+    assert models.recommended_guidance(types.SimpleNamespace(name_or_path=None)) == 6.0  # built in code
+    (tmp_path / config.MODEL_DEFAULTS_FILE).write_text("[generate]\nguidance = 2.5\n")
     assert models.recommended_guidance(pipe) == 2.5
-    for bad in ("{not json", '{"guidance": 3}', '{"guidance_scale": -1}', '{"guidance_scale": "3"}'):
-        (tmp_path / models.SAMPLING_FILE).write_text(bad)
-        with pytest.raises(CustomDiffError, match=models.SAMPLING_FILE):
-            models.recommended_guidance(pipe)
+    (tmp_path / config.MODEL_DEFAULTS_FILE).write_text("[generate]\nguidance = 'high'\n")
+    with pytest.raises(CustomDiffError, match=config.MODEL_DEFAULTS_FILE):
+        models.recommended_guidance(pipe)
     toy = types.SimpleNamespace(name_or_path=str(models.TOY_MODEL_DIR))
     assert models.recommended_guidance(toy) == 3.0  # its UNet overshoots off-palette colours at 6

@@ -5,7 +5,6 @@ bug and keeps its traceback.
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -107,8 +106,6 @@ def generate(config: GenerateConfig) -> None:
         from customdiff.concept import apply_concept
 
         apply_concept(pipe, config.concept)
-    if config.guidance is None:  # resolved here, so that the saved config says what ran
-        config = dataclasses.replace(config, guidance=models.recommended_guidance(pipe))
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
         negative_prompts=[config.negative_prompt] * len(prompts),

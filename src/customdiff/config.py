@@ -17,12 +17,15 @@ import tomllib
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from customdiff import files, toyworld
 from customdiff.errors import CustomDiffError
 
 CONFIG_FILE_NAME = "run_config.json"
+TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
+MODEL_DEFAULTS_FILE = "customdiff_defaults.toml"  # beside a model: its own defaults, a table per command
+PAPER_GUIDANCE = 6.0  # the paper's scale, for a model that recommends none
 Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
 # Learning rate per image by mode: the paper's for the weights; Textual Inversion's (diffusers' example)
 # for the token alone, which at the weights' rate would barely move
@@ -245,6 +248,9 @@ class PretrainConfig:
 class GenerateConfig:
     """Generate images from prompts with a base model (default: the shipped toy model)."""
 
+    command: ClassVar[str] = "generate"
+    model_settable: ClassVar[tuple[str, ...]] = ("guidance",)
+
     prompt: str | None = positional("the prompt (or give --prompts FILE)", optional=True)
     out: Path = option(Path("samples"), "folder for the PNGs, grid.png and metadata.jsonl", short="-o")
     prompts: Path | None = option(None, "text file with one prompt a line, all generated in one run")
@@ -258,6 +264,7 @@ class GenerateConfig:
     batch_size: int = option(16, "images denoised at once")
 
     def __post_init__(self) -> None:
+        fill_from_model(self, {"guidance": PAPER_GUIDANCE})
         if (self.prompt is None) == (self.prompts is None):
             raise CustomDiffError("give a PROMPT or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
@@ -277,6 +284,9 @@ class ConceptSpec:
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Teach the base model concepts from a few images each (Custom Diffusion; several train jointly)."""
+
+    command: ClassVar[str] = "train"
+    model_settable: ClassVar[tuple[str, ...]] = ("steps", "lr", "augment")
 
     images: Path | None = option(
         None, "folder of the concept's images (captions from metadata.jsonl or .txt)", metavar="DIR"
@@ -313,15 +323,18 @@ class FinetuneConfig:
     )
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
     num_reg: int = option(200, "number of regularization images")
-    steps: int = option(400, "training steps")
+    steps: int | None = option(None, "training steps (default: the model's, else 400)")
     lr: float | None = option(
         None,
-        "learning rate per image with --scale-lr (default by mode: the paper's 1e-5; for token, the "
-        "Textual Inversion baseline's 5e-4, as a row this small needs)",
+        "learning rate per image with --scale-lr (default: the model's for the mode, else the paper's 1e-5; "
+        "for token, the Textual Inversion baseline's 5e-4, as a row this small needs)",
     )
     scale_lr: bool = option(True, "multiply --lr by the batch size × processes, as the paper does")
     batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
-    augment: bool = option(True, "the paper's resize augmentation with loss mask and size prefixes")
+    augment: bool | None = option(
+        None,
+        "the paper's resize augmentation with loss mask and size prefixes (default: the model's, else on)",
+    )
     flip: bool = option(True, "mirror half the images")
     seed: int = option(0, "random seed: the same seed gives the same concept")
     checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
@@ -335,6 +348,8 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
+        default_lr = DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"])
+        fill_from_model(self, {"steps": 400, "lr": default_lr, "augment": True})
         given = [self.images is not None or self.class_word is not None, bool(self.concept)]
         given.append(self.concepts_list is not None)
         if sum(given) != 1 or (given[0] and (self.images is None or self.class_word is None)):
@@ -351,8 +366,6 @@ class FinetuneConfig:
         for name in ("steps", "num_reg", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise CustomDiffError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
-        if self.lr is None:  # resolved here, so that the saved config says what ran
-            object.__setattr__(self, "lr", DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"]))
         if self.lr <= 0:
             raise CustomDiffError(f"--lr {self.lr}: pass a positive learning rate")
         if self.reg == "retrieve" and self.reg_dir is None:
@@ -412,6 +425,9 @@ def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]
 class EvalConfig:
     """Score a concept as the paper does: text and image alignment, forgetting (KID), the toy judge."""
 
+    command: ClassVar[str] = "eval"
+    model_settable: ClassVar[tuple[str, ...]] = ("guidance",)
+
     concept: Path = positional("concept.safetensors (or its folder) to evaluate")
     out: Path = option(Path("runs/eval"), "folder for eval.json, eval.md and the samples", short="-o")
     model: Path | None = option(None, "the base model the concept was trained on (default: the toy model)")
@@ -428,6 +444,7 @@ class EvalConfig:
     seed: int = option(0, "seed of sample 0 of each prompt")
 
     def __post_init__(self) -> None:
+        fill_from_model(self, {"guidance": PAPER_GUIDANCE})
         if self.n < 2 or self.steps < 1:
             raise CustomDiffError("--n takes 2 or more (KID compares sets), --steps a positive number")
 
@@ -491,6 +508,47 @@ class ExportConfig:
                     f'--trigger "{word}": write one word of letters, digits, - or _ starting with a letter '
                     "(it names files too), e.g. mymug"
                 )
+
+
+def model_defaults(config_class: type, model: Path | str | None) -> dict[str, Any]:
+    """The defaults a model folder (None: the toy model) sets in the ``[config_class.command]`` table of its
+    ``MODEL_DEFAULTS_FILE``, checked like a ``--config`` file; {} when it has none. A key may hold a table
+    by mode (``[train.lr]``, ``crossattn_kv = 1e-4``).
+
+    The paper's settings suit Stable Diffusion; a model such as the toy one can name its own (README,
+    "Model defaults"). Only the fields ``config_class.model_settable`` names can be set so.
+    """
+    path = (Path(model) if model else TOY_MODEL_DIR) / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    command, settable = config_class.command, config_class.model_settable
+    table = _read_toml(path, str(path)).get(command, {})
+    if not isinstance(table, dict) or not set(table) <= set(settable):
+        raise CustomDiffError(f"{path}: [{command}] may set only {', '.join(settable)}, each a flag value")
+    values = {}
+    for key, value in table.items():
+        if isinstance(value, dict):  # one value per mode
+            if unknown := sorted(set(value) - set(get_args(Mode))):
+                modes = ", ".join(get_args(Mode))
+                raise CustomDiffError(f"{path}: [{command}.{key}] names no mode {unknown}; modes: {modes}")
+            values[key] = {
+                mode: _check_values(config_class, {key: item}, path)[key] for mode, item in value.items()
+            }
+        else:
+            values[key] = _check_values(config_class, {key: value}, path)[key]
+    return values
+
+
+def fill_from_model(config: Any, fallbacks: dict[str, Any]) -> None:
+    """Set each field of ``fallbacks`` left None to the model's default (from its table for the config's
+    mode, if it has one per mode), else to the fallback."""
+    unset = [name for name in fallbacks if getattr(config, name) is None]
+    recommended = model_defaults(type(config), config.model) if unset else {}
+    for name in unset:
+        value = recommended.get(name, fallbacks[name])
+        if isinstance(value, dict):
+            value = value.get(config.mode, fallbacks[name])
+        object.__setattr__(config, name, value)
 
 
 def check_token(token: str, where: str) -> None:
@@ -568,13 +626,22 @@ def config_from_args(config_class: type, args: argparse.Namespace) -> Any:
 
 def read_config_file(config_class: type, path: Path) -> dict[str, Any]:
     """Read a TOML file of flag values for ``config_class``, checking each key and its type."""
+    return _check_values(config_class, _read_toml(path, f"--config {path}"), f"--config {path}")
+
+
+def _read_toml(path: Path, name: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
-            table = tomllib.load(handle)
+            return tomllib.load(handle)
     except OSError as error:
-        raise CustomDiffError(f"cannot read --config {path}: {error.strerror or error}") from error
+        raise CustomDiffError(f"cannot read {name}: {error.strerror or error}") from error
     except tomllib.TOMLDecodeError as error:
-        raise CustomDiffError(f"--config {path} is not valid TOML: {error}") from error
+        raise CustomDiffError(f"{name} is not valid TOML: {error}") from error
+
+
+def _check_values(config_class: type, table: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """``table``'s flag values as ``config_class`` fields, each key and type checked (``where`` names the
+    file in errors)."""
     hints = get_type_hints(config_class)
     by_name = {item.name: item for item in dataclasses.fields(config_class)}
     flags = [name for name, item in by_name.items() if not item.metadata.get("positional")]
@@ -584,8 +651,8 @@ def read_config_file(config_class: type, path: Path) -> dict[str, Any]:
         if name not in flags:
             known = ", ".join(name.replace("_", "-") for name in flags) or "none"
             what = "a positional argument: give it on the command line" if name in by_name else "unknown"
-            raise CustomDiffError(f'--config {path}: key "{key}" is {what}; keys allowed here: {known}')
-        values[name] = _value_from_toml(hints[name], value, f'--config {path}: key "{key}"')
+            raise CustomDiffError(f'{where}: key "{key}" is {what}; keys allowed here: {known}')
+        values[name] = _value_from_toml(hints[name], value, f'{where}: key "{key}"')
     return values
 
 

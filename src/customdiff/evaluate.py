@@ -278,8 +278,6 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
             f"that name {loaded.tokens[0]}"
         )
     clip = ClipFeatures(config.clip or Path(pipe.name_or_path) / "clip", pipe.tokenizer)
-    if config.guidance is None:  # resolved here, so that the saved config says what ran
-        config = dataclasses.replace(config, guidance=models.recommended_guidance(pipe))
     metrics = evaluate(
         pipe,
         loaded,

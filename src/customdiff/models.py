@@ -23,11 +23,9 @@ from diffusers import (
 from transformers import CLIPConfig, CLIPTokenizer
 
 from customdiff import toyworld
+from customdiff.config import PAPER_GUIDANCE, TOY_MODEL_DIR, GenerateConfig, model_defaults
 from customdiff.errors import CustomDiffError
 
-TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
-SAMPLING_FILE = "customdiff_sampling.json"  # beside a model: {"guidance_scale": G}, its best scale
-PAPER_GUIDANCE = 6.0  # the paper's scale, for a model that recommends none
 AUGMENTATION_WORDS = ("very", "small", "far", "away", "zoomed", "in", "close", "up", "photo", "of", "a")
 # Never in a world caption: modifier tokens start from them, and pretraining puts them in coded colour slots
 RARE_TOKENS = ("ktn", "sks", "zwx", "vlk", "pqd", "hta")
@@ -133,26 +131,13 @@ def toy_unet(cross_attention_dim: int) -> UNet2DConditionModel:
 
 
 def recommended_guidance(pipe) -> float:
-    """The classifier-free guidance scale a model's folder recommends in ``SAMPLING_FILE``, else the
-    paper's 6. The toy model recommends 3: its palette-trained UNet pushes colours outside the palette
-    into palette ones at 6, while world prompts come out as right at 3 (README, "Guidance").
-
-    Raises:
-        CustomDiffError: the file is there but holds no positive ``guidance_scale``.
-    """
-    path = Path(getattr(pipe, "name_or_path", None) or "") / SAMPLING_FILE
-    if not path.is_file():
+    """The guidance scale the pipeline's model folder sets for ``generate`` (``config.model_defaults``),
+    else the paper's 6. The toy model sets 3: its palette-trained UNet pushes colours outside the palette
+    into palette ones at 6, while world prompts come out as right at 3 (README, "Model defaults")."""
+    folder = getattr(pipe, "name_or_path", None)
+    if not folder:  # a pipeline built in code
         return PAPER_GUIDANCE
-    try:
-        guidance = json.loads(path.read_text())["guidance_scale"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CustomDiffError(
-            f'{path}: cannot read "guidance_scale" ({type(error).__name__}); '
-            'write {"guidance_scale": 6.0} or delete the file'
-        ) from error
-    if not isinstance(guidance, int | float) or guidance <= 0:
-        raise CustomDiffError(f"{path}: guidance_scale {guidance!r} is no positive number; fix or delete it")
-    return float(guidance)
+    return model_defaults(GenerateConfig, folder).get("guidance", PAPER_GUIDANCE)
 
 
 def training_scheduler() -> DDPMScheduler:
