@@ -11,7 +11,7 @@ augmentation), once per mode, and reads with the toy judge the share of images t
 - ``text room``: the share (%) of the captions' text features, from the modifier token through the end of
   text, outside the span holding 99.9% of the energy of ~1000 ordinary captions' features (the merge's
   C_reg). Only that part lets a K/V change draw the concept without also moving ordinary captions, which
-  regularization forbids.
+  regularization resists.
 
 A concept lost between ``vae`` and ``sdedit 0.2`` is one the trained parameters cannot express; one lost
 only between ``sdedit 0.8`` and ``scratch`` is decided in the first, noisiest sampling steps.
