@@ -134,11 +134,18 @@ def test_class_prompts_take_the_token_out():
 def test_toy_class_prompts_are_plain_objects_of_every_allowed_colour():
     captions = ["a <new1> star on a white background", "a small <new1> star on a gray background"] * 2
     prompts = data.class_prompts(captions, [TOKEN])
-    assert len(prompts) == 7 + 8  # white objects never sit on white; duplicates go
+    one = [prompt for prompt in prompts if len(toyworld.parse_caption(prompt).things) == 1]
+    assert len(one) == 7 + 8  # white objects never sit on white; duplicates go
     assert "a red star on a white background" in prompts
     assert "a white star on a white background" not in prompts
     assert "a small white star on a gray background" in prompts
-    assert all(toyworld.parse_caption(prompt).things[0].shape == "star" for prompt in prompts)
+    assert all(toyworld.parse_caption(prompt).things[0].shape == "star" for prompt in one)
+    composed = [toyworld.parse_caption(prompt) for prompt in prompts if prompt not in one]
+    assert len(composed) == len(one)  # each also beside a plain world object, for compositions
+    for caption in composed:
+        star, other = sorted(caption.things, key=lambda thing: thing.shape != "star")
+        assert star.shape == "star" and other.shape != "star" and other.color != star.color
+        assert toyworld.COLORS[other.color] != toyworld.BACKGROUNDS[caption.background]
     two = data.class_prompts(["a <new1> star and a blue ring on a sky background"], [TOKEN])
     assert two[0] == "a red star and a blue ring on a sky background" and len(two) == 8
 

@@ -236,11 +236,16 @@ def class_prompts(captions: list[str], tokens: list[str]) -> list[str]:
 
     With captioned images this keeps their contexts (backgrounds, scenes), so that the prior is held
     where the concept is trained. A toy-world caption needs a colour for its object, so there the
-    concept becomes a plain object in each colour its background allows (``toyworld.plain_captions``).
+    concept becomes a plain object in each colour its background allows (``toyworld.plain_captions``),
+    each also beside a world object (``toyworld.with_world_object``), so that the prior holds compositions
+    too (a one-off with random world objects on the toy model's long run: donut in new contexts 57% against
+    29%, class drop 0 against 12.5 points; README, "Model defaults").
     """
     prompts = []
     for caption in captions:
-        prompts += toyworld.plain_captions(caption) or [strip_tokens(caption, tokens)]
+        plain = toyworld.plain_captions(caption)
+        composed = [toyworld.with_world_object(text, index) for index, text in enumerate(plain)]
+        prompts += plain + [text for text in composed if text] or [strip_tokens(caption, tokens)]
     return list(dict.fromkeys(prompts))
 
 

@@ -175,6 +175,24 @@ def plain_captions(text: str) -> list[str]:
     return list(dict.fromkeys(captions))
 
 
+def with_world_object(text: str, index: int) -> str | None:
+    """A one-object caption of the grammar with a plain world object beside it (``index`` picks the object's
+    shape, colour and side), or None for any other text: a concept's class prompts composed, so that
+    regularization also holds compositions (README, "Model defaults")."""
+    try:
+        caption = parse_caption(text)
+    except CustomDiffError:
+        return None
+    if len(caption.things) != 1:
+        return None
+    (thing,) = caption.things
+    shapes = [shape for shape in SHAPES if shape != thing.shape]
+    colors = [c for c, rgb in COLORS.items() if rgb != BACKGROUNDS[caption.background] and c != thing.color]
+    other = Thing(shapes[index % len(shapes)], colors[index % len(colors)], None)
+    pair = (Thing(thing.shape, thing.color, None), other)
+    return str(Caption(caption.background, pair if index % 2 else pair[::-1]))
+
+
 def sample_caption(rng: np.random.Generator, n_objects: int | None = None) -> Caption:
     """A random caption of the grammar: 1 or 2 objects (each half the time when ``n_objects`` is None)."""
     n_objects = n_objects or int(rng.integers(1, 3))
