@@ -245,7 +245,7 @@ def test_a_model_folder_sets_its_own_defaults_and_flags_win(tmp_path):
     )  # no entry: its own
     assert config.FinetuneConfig(Path("x"), "star", model=tmp_path, steps=7, augment=True).steps == 7
     assert config.GenerateConfig("a red star", model=tmp_path).guidance == 2.5
-    assert config.EvalConfig(Path("c"), model=tmp_path).guidance == config.PAPER_GUIDANCE  # no [eval] table
+    assert config.EvalConfig(Path("c"), model=tmp_path).guidance == 2.5  # eval samples as generate does
     toy = config.FinetuneConfig(Path("x"), "star")  # the shipped toy model's own (README, "Model defaults")
     assert (toy.steps, toy.lr, toy.augment, config.GenerateConfig("a red star").guidance) == (
         6000,

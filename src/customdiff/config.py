@@ -425,7 +425,7 @@ def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]
 class EvalConfig:
     """Score a concept as the paper does: text and image alignment, forgetting (KID), the toy judge."""
 
-    command: ClassVar[str] = "eval"
+    command: ClassVar[str] = "generate"  # it samples as generate does: one guidance for both
     model_settable: ClassVar[tuple[str, ...]] = ("guidance",)
 
     concept: Path = positional("concept.safetensors (or its folder) to evaluate")
