@@ -223,6 +223,10 @@ def test_every_field_kind_becomes_a_flag(tmp_path):
 def test_config_checks_run_on_construction():
     with pytest.raises(CustomDiffError, match="between 4 and 8"):
         config.ToyConceptConfig(name="starfish", out=Path("x"), n=9)
+    with pytest.raises(CustomDiffError, match="--composed-views 1.5: pass a share from 0 to 1"):
+        config.FinetuneConfig(Path("x"), "star", composed_views=1.5)
+    with pytest.raises(CustomDiffError, match="drop --reg none"):
+        config.FinetuneConfig(Path("x"), "star", composed_views=0.5, reg="none")
 
 
 def test_learning_rate_defaults_by_mode_resolved_on_construction(tmp_path):

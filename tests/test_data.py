@@ -111,6 +111,44 @@ def test_random_view_flips_half_the_time_and_keeps_the_image_without_augmentatio
         assert torch.equal(view.pixels, expected)
 
 
+def test_composed_view_sets_the_concept_beside_a_regularization_object_of_its_background():
+    black = Image.new("RGB", (SIZE, SIZE), "black")
+    partners = data.partners_by_background(
+        [
+            (black, "a small red star on a sand background"),
+            (black, "a red star and a blue circle on a sand background"),  # two objects: no partner
+            (black, "photo of a cat"),
+        ]
+    )
+    assert list(partners) == ["sand"] and len(partners["sand"]) == 1
+    rng = np.random.default_rng(0)
+    captions = set()
+    for _ in range(20):
+        view = data.composed_view(
+            white_example("a large <new1> star on a sand background"), partners, FACTOR, rng
+        )
+        captions.add(view.caption)
+        rows = torch.nonzero(view.pixels[0].abs().sum(1) > 0).flatten()  # the band of the two halves
+        top, height = int(rows.min()), len(rows)
+        assert height == SIZE // 2 and torch.all(view.pixels[:, :top] == 0)
+        left_white = bool(view.pixels[0, top, 0] > 0)
+        assert left_white == view.caption.startswith("a <new1>")
+        assert torch.all((view.pixels[:, top : top + height, SIZE // 2 :] > 0) != left_white)
+        assert torch.equal(
+            view.mask.sum(1).nonzero().flatten(),
+            torch.arange(top // FACTOR + 1, (top + height) // FACTOR - 1),
+        )
+    assert captions == {
+        "a <new1> star and a red star on a sand background",
+        "a red star and a <new1> star on a sand background",
+    }
+    assert (
+        data.composed_view(white_example("a <new1> star on a grass background"), partners, FACTOR, rng)
+        is None
+    )
+    assert data.composed_view(white_example("photo of a <new1> star"), partners, FACTOR, rng) is None
+
+
 def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, concept_dir):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     examples = data.load_examples(concept_dir, data.resolution(pipe), TOKEN, "star")
@@ -124,6 +162,14 @@ def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, 
     again = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=3)
     assert torch.equal(pool.latents, again.latents) and pool.captions == again.captions
     assert any(caption.startswith("a small") for caption in pool.captions)  # far-away views
+    partners = [
+        (Image.new("RGB", (SIZE, SIZE)), f"a red star on a {name} background")
+        for name in toyworld.BACKGROUNDS
+    ]
+    composed = data.target_pool(
+        pipe.vae, examples, pipe.vae_scale_factor, 3, partners=partners, composed_share=1
+    )
+    assert all(" and a " in caption for caption in composed.captions)
 
 
 def test_class_prompts_take_the_token_out():

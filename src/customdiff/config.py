@@ -286,7 +286,7 @@ class FinetuneConfig:
     """Teach the base model concepts from a few images each (Custom Diffusion; several train jointly)."""
 
     command: ClassVar[str] = "train"
-    model_settable: ClassVar[tuple[str, ...]] = ("steps", "lr", "augment")
+    model_settable: ClassVar[tuple[str, ...]] = ("steps", "lr", "augment", "composed_views")
 
     images: Path | None = option(
         None, "folder of the concept's images (captions from metadata.jsonl or .txt)", metavar="DIR"
@@ -335,6 +335,12 @@ class FinetuneConfig:
         None,
         "the paper's resize augmentation with loss mask and size prefixes (default: the model's, else on)",
     )
+    composed_views: float | None = option(
+        None,
+        "share of target views shown at half size beside a regularization image of the same background, "
+        "the caption naming both (cut-mix; toy-grammar captions), so that the concept composes with other "
+        "objects (default: the model's, else 0)",
+    )
     flip: bool = option(True, "mirror half the images")
     seed: int = option(0, "random seed: the same seed gives the same concept")
     checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
@@ -349,7 +355,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         default_lr = DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"])
-        fill_from_model(self, {"steps": 400, "lr": default_lr, "augment": True})
+        fill_from_model(self, {"steps": 400, "lr": default_lr, "augment": True, "composed_views": 0.0})
         given = [self.images is not None or self.class_word is not None, bool(self.concept)]
         given.append(self.concepts_list is not None)
         if sum(given) != 1 or (given[0] and (self.images is None or self.class_word is None)):
@@ -368,6 +374,12 @@ class FinetuneConfig:
                 raise CustomDiffError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
         if self.lr <= 0:
             raise CustomDiffError(f"--lr {self.lr}: pass a positive learning rate")
+        if not 0 <= self.composed_views <= 1:
+            raise CustomDiffError(f"--composed-views {self.composed_views}: pass a share from 0 to 1")
+        if self.composed_views and self.reg == "none":
+            raise CustomDiffError(
+                "--composed-views pairs targets with regularization images: drop --reg none"
+            )
         if self.reg == "retrieve" and self.reg_dir is None:
             raise CustomDiffError("--reg retrieve needs --reg-dir, a captioned image folder to retrieve from")
         if self.reg != "none" and self.batch_size % 2:

@@ -150,6 +150,59 @@ def random_view(
     return View(pixels.contiguous(), mask, caption)
 
 
+def composed_view(
+    example: Example,
+    partners: dict[str, list[tuple[Image.Image, toyworld.Thing]]],
+    scale_factor: int,
+    rng: np.random.Generator,
+    flip: bool = True,
+) -> View | None:
+    """A cut-mix view (SVDiff, Han et al. 2023, "Cut-Mix-Unmix"): the target and a regularization image of
+    the same background side by side, each at half size in a band of random height, the caption naming
+    both objects left to right; the loss counts the band.
+
+    Trained on one-object captions alone, K/V read the concept from every position after its token, so a
+    prompt naming a second object loses both (README, "Composition"). Only a one-object caption of the toy
+    grammar composes, with ``partners`` (``partners_by_background``) of its background; else None.
+    """
+    caption = toyworld.caption_or_none(example.caption)
+    candidates = partners.get(caption.background, []) if caption else []
+    if not candidates or len(caption.things) != 1:
+        return None
+    partner, other = candidates[int(rng.integers(len(candidates)))]
+    size, half = example.image.width, example.image.width // 2
+    halves = [
+        to_pixels(
+            (ImageOps.mirror(image) if flip and rng.random() < 0.5 else image).resize(
+                (half, half), Image.Resampling.BICUBIC
+            )
+        )
+        for image in (example.image, fit(partner, size))
+    ]
+    top = int(rng.integers(half // 4, size - half - half // 4 + 1))
+    concept_left = rng.random() < 0.5
+    canvas = torch.zeros(3, size, size)
+    canvas[:, top : top + half] = torch.cat(halves if concept_left else halves[::-1], dim=2)
+    side = size // scale_factor
+    mask = torch.zeros(side, side)
+    mask[top // scale_factor + 1 : (top + half) // scale_factor - 1, 1 : side - 1] = 1
+    things = (dataclasses.replace(caption.things[0], size=None), dataclasses.replace(other, size=None))
+    text = str(dataclasses.replace(caption, things=things if concept_left else things[::-1]))
+    return View(canvas, mask, text)
+
+
+def partners_by_background(
+    images: list[tuple[Image.Image, str]],
+) -> dict[str, list[tuple[Image.Image, toyworld.Thing]]]:
+    """The one-object toy-grammar images among regularization ``images``, by background, with their object."""
+    partners: dict[str, list[tuple[Image.Image, toyworld.Thing]]] = {}
+    for image, text in images:
+        caption = toyworld.caption_or_none(text)
+        if caption and len(caption.things) == 1:
+            partners.setdefault(caption.background, []).append((image, caption.things[0]))
+    return partners
+
+
 def resized_caption(caption: str, prefix: str | None) -> str:
     """The caption of a resized view: the paper's ``prefix`` ("close up", "far away", …; None for a
     moderate shrink) in front.
@@ -158,9 +211,8 @@ def resized_caption(caption: str, prefix: str | None) -> str:
     never saw the prefixes: "small" when far away, none where the resize leaves the size unknown
     (two-object captions name no size and stay as they are).
     """
-    try:
-        parsed = toyworld.parse_caption(caption)
-    except CustomDiffError:
+    parsed = toyworld.caption_or_none(caption)
+    if parsed is None:
         return f"{prefix}, {caption}" if prefix else caption
     if len(parsed.things) > 1:
         return caption
@@ -192,13 +244,29 @@ def _encode_pool(vae, views, count: int, seed: int) -> LatentPool:
 
 
 def target_pool(
-    vae, examples: list[Example], scale_factor: int, seed: int, augment: bool = True, flip: bool = True
+    vae,
+    examples: list[Example],
+    scale_factor: int,
+    seed: int,
+    augment: bool = True,
+    flip: bool = True,
+    partners: list[tuple[Image.Image, str]] = (),
+    composed_share: float = 0.0,
 ) -> LatentPool:
-    """``VIEWS_PER_IMAGE`` random views of each example, encoded once (the same for the same seed)."""
+    """``VIEWS_PER_IMAGE`` random views of each example, encoded once (the same for the same seed); a
+    ``composed_share`` of them cut-mix views with the regularization images ``partners`` where the caption
+    allows (``composed_view``)."""
     rng = np.random.default_rng(seed)
-    count = VIEWS_PER_IMAGE * len(examples) if augment or flip else len(examples)
-    views = (random_view(examples[i % len(examples)], scale_factor, rng, augment, flip) for i in range(count))
-    return _encode_pool(vae, views, count, seed)
+    count = VIEWS_PER_IMAGE * len(examples) if augment or flip or composed_share else len(examples)
+    by_background = partners_by_background(list(partners)) if composed_share else {}
+
+    def view(example: Example) -> View:
+        if composed_share and rng.random() < composed_share:
+            if composed := composed_view(example, by_background, scale_factor, rng, flip):
+                return composed
+        return random_view(example, scale_factor, rng, augment, flip)
+
+    return _encode_pool(vae, (view(examples[i % len(examples)]) for i in range(count)), count, seed)
 
 
 def regularization_pool(

@@ -311,7 +311,18 @@ def prepare_data(
             config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
         )
         scale, seed = pipe.vae_scale_factor, config.seed
-        targets.append(data.target_pool(pipe.vae, examples, scale, seed, config.augment, config.flip))
+        targets.append(
+            data.target_pool(
+                pipe.vae,
+                examples,
+                scale,
+                seed,
+                config.augment,
+                config.flip,
+                reg_images,
+                config.composed_views,
+            )
+        )
         regs.append(data.regularization_pool(pipe.vae, reg_images, size, scale, seed, config.flip))
     return captions, targets, regs
 

@@ -151,6 +151,14 @@ def parse_caption(text: str) -> Caption:
     return Caption(background=background, things=tuple(things))
 
 
+def caption_or_none(text: str) -> Caption | None:
+    """The parsed caption, or None for text outside the grammar (a real model's caption)."""
+    try:
+        return parse_caption(text)
+    except CustomDiffError:
+        return None
+
+
 def plain_captions(text: str) -> list[str]:
     """A concept caption's class prompts in the grammar: each ``<newK>`` thing as a plain coloured one.
 
@@ -160,9 +168,8 @@ def plain_captions(text: str) -> list[str]:
     Returns:
         one caption per allowed colour, or [] when ``text`` is not a caption of the grammar.
     """
-    try:
-        caption = parse_caption(text)
-    except CustomDiffError:
+    caption = caption_or_none(text)
+    if caption is None:
         return []
     captions = []
     for color, rgb in COLORS.items():
@@ -179,11 +186,8 @@ def with_world_object(text: str, index: int) -> str | None:
     """A one-object caption of the grammar with a plain world object beside it (``index`` picks the object's
     shape, colour and side), or None for any other text: a concept's class prompts composed, so that
     regularization also holds compositions (README, "Model defaults")."""
-    try:
-        caption = parse_caption(text)
-    except CustomDiffError:
-        return None
-    if len(caption.things) != 1:
+    caption = caption_or_none(text)
+    if caption is None or len(caption.things) != 1:
         return None
     (thing,) = caption.things
     shapes = [shape for shape in SHAPES if shape != thing.shape]
