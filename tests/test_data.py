@@ -170,6 +170,10 @@ def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, 
         pipe.vae, examples, pipe.vae_scale_factor, 3, partners=partners, composed_share=1
     )
     assert all(" and a " in caption for caption in composed.captions)
+    with pytest.warns(UserWarning, match="no caption could be composed"):
+        data.target_pool(
+            pipe.vae, examples[:1], pipe.vae_scale_factor, 3, partners=partners[:0], composed_share=1
+        )
 
 
 def test_class_prompts_take_the_token_out():

@@ -259,14 +259,23 @@ def target_pool(
     rng = np.random.default_rng(seed)
     count = VIEWS_PER_IMAGE * len(examples) if augment or flip or composed_share else len(examples)
     by_background = partners_by_background(list(partners)) if composed_share else {}
+    composed_captions = []
 
     def view(example: Example) -> View:
         if composed_share and rng.random() < composed_share:
             if composed := composed_view(example, by_background, scale_factor, rng, flip):
+                composed_captions.append(composed.caption)
                 return composed
         return random_view(example, scale_factor, rng, augment, flip)
 
-    return _encode_pool(vae, (view(examples[i % len(examples)]) for i in range(count)), count, seed)
+    pool = _encode_pool(vae, (view(examples[i % len(examples)]) for i in range(count)), count, seed)
+    if composed_share and not composed_captions:
+        warnings.warn(
+            "--composed-views: no caption could be composed (it takes one-object toy-grammar captions and "
+            "regularization images of their backgrounds); every view is a plain one",
+            stacklevel=2,
+        )
+    return pool
 
 
 def regularization_pool(
