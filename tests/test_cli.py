@@ -227,6 +227,8 @@ def test_config_checks_run_on_construction():
         config.FinetuneConfig(Path("x"), "star", composed_views=1.5)
     with pytest.raises(CustomDiffError, match="drop --reg none"):
         config.FinetuneConfig(Path("x"), "star", composed_views=0.5, reg="none")
+    assert config.FinetuneConfig(Path("x"), "star").composed_views == 0.5  # the toy model's
+    assert config.FinetuneConfig(Path("x"), "star", reg="none").composed_views == 0  # none to pair with
 
 
 def test_learning_rate_defaults_by_mode_resolved_on_construction(tmp_path):

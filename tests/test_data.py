@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from customdiff import data, files, generate, models, toyworld
+from customdiff import data, files, generate, models, toyjudge, toyworld
 from customdiff.errors import CustomDiffError
 
 SIZE, FACTOR = 64, 4  # the toy model: 64² pixels, 16² latents
@@ -111,41 +111,51 @@ def test_random_view_flips_half_the_time_and_keeps_the_image_without_augmentatio
         assert torch.equal(view.pixels, expected)
 
 
-def test_composed_view_sets_the_concept_beside_a_regularization_object_of_its_background():
-    black = Image.new("RGB", (SIZE, SIZE), "black")
-    partners = data.partners_by_background(
+CONCEPTS = {TOKEN: "starfish", "<new2>": "donut"}
+
+
+def rendered(text: str, seed: int = 0) -> Image.Image:
+    concepts = {token: toyworld.get_concept(name) for token, name in CONCEPTS.items()}
+    return Image.fromarray(
+        toyworld.render(toyworld.parse_caption(text), np.random.default_rng(seed), concepts)
+    )
+
+
+def test_composed_view_is_a_two_object_scene_of_the_concept_and_a_partner_object():
+    two = "a red star and a blue circle on a sand background"
+    regularization = data.partners_by_background(
         [
-            (black, "a small red star on a sand background"),
-            (black, "a red star and a blue circle on a sand background"),  # two objects: no partner
-            (black, "photo of a cat"),
+            (rendered("a small red ring on a sand background"), "a small red ring on a sand background"),
+            (rendered(two), "a red star on a sand background"),  # two objects in the image: no partner
+            (Image.new("RGB", (SIZE, SIZE), (225, 200, 140)), "a red star on a sand background"),  # none
+            (rendered("a red star on a sand background"), "photo of a cat"),
         ]
     )
-    assert list(partners) == ["sand"] and len(partners["sand"]) == 1
-    rng = np.random.default_rng(0)
-    captions = set()
-    for _ in range(20):
-        view = data.composed_view(
-            white_example("a large <new1> star on a sand background"), partners, FACTOR, rng
-        )
-        captions.add(view.caption)
-        rows = torch.nonzero(view.pixels[0].abs().sum(1) > 0).flatten()  # the band of the two halves
-        top, height = int(rows.min()), len(rows)
-        assert height == SIZE // 2 and torch.all(view.pixels[:, :top] == 0)
-        left_white = bool(view.pixels[0, top, 0] > 0)
-        assert left_white == view.caption.startswith("a <new1>")
-        assert torch.all((view.pixels[:, top : top + height, SIZE // 2 :] > 0) != left_white)
-        assert torch.equal(
-            view.mask.sum(1).nonzero().flatten(),
-            torch.arange(top // FACTOR + 1, (top + height) // FACTOR - 1),
-        )
-    assert captions == {
-        "a <new1> star and a red star on a sand background",
-        "a red star and a <new1> star on a sand background",
-    }
-    assert (
-        data.composed_view(white_example("a <new1> star on a grass background"), partners, FACTOR, rng)
-        is None
+    assert list(regularization) == ["sand"] and len(regularization["sand"]) == 1
+    other_concept = data.partners_by_background(
+        [(rendered("a large <new2> ring on a sand background"), "a large <new2> ring on a sand background")]
     )
+    partners = [regularization, other_concept]
+    signatures = {token: toyjudge.builtin_signature(name) for token, name in CONCEPTS.items()}
+    rng = np.random.default_rng(0)
+    captions = []
+    for seed in range(16):
+        text = "a large <new1> star on a sand background"
+        view = data.composed_view(data.Example(None, rendered(text, seed), text), partners, FACTOR, rng)
+        captions.append(view.caption)
+        image = ((view.pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        assert toyjudge.score(image, view.caption, signatures).all_right  # a scene the world could show
+        assert torch.equal(view.mask, torch.ones(SIZE // FACTOR, SIZE // FACTOR))
+    assert set(captions) == {
+        "a <new1> star and a red ring on a sand background",
+        "a red ring and a <new1> star on a sand background",
+        "a <new1> star and a <new2> ring on a sand background",
+        "a <new2> ring and a <new1> star on a sand background",
+    }
+    assert 4 <= sum("<new2>" in caption for caption in captions) <= 12  # each set as likely
+    for text in ("a <new1> star on a grass background", "a <new1> star on a sand background"):
+        image = rendered(text) if "grass" in text else Image.new("RGB", (SIZE, SIZE), "white")
+        assert data.composed_view(data.Example(None, image, text), partners, FACTOR, rng) is None
     assert data.composed_view(white_example("photo of a <new1> star"), partners, FACTOR, rng) is None
 
 
@@ -162,17 +172,18 @@ def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, 
     again = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=3)
     assert torch.equal(pool.latents, again.latents) and pool.captions == again.captions
     assert any(caption.startswith("a small") for caption in pool.captions)  # far-away views
-    partners = [
-        (Image.new("RGB", (SIZE, SIZE)), f"a red star on a {name} background")
+    regularization = [
+        (rendered(f"a small red ring on a {name} background"), f"a small red ring on a {name} background")
         for name in toyworld.BACKGROUNDS
     ]
+    toy_examples = data.load_examples(concept_dir, SIZE, TOKEN, "star")  # composing reads 64² toy scenes
     composed = data.target_pool(
-        pipe.vae, examples, pipe.vae_scale_factor, 3, partners=partners, composed_share=1
+        pipe.vae, toy_examples, pipe.vae_scale_factor, 3, partners=[regularization], composed_share=1
     )
     assert all(" and a " in caption for caption in composed.captions)
-    with pytest.warns(UserWarning, match="no caption could be composed"):
+    with pytest.warns(UserWarning, match="no view could be composed"):
         data.target_pool(
-            pipe.vae, examples[:1], pipe.vae_scale_factor, 3, partners=partners[:0], composed_share=1
+            pipe.vae, toy_examples[:1], pipe.vae_scale_factor, 3, partners=[[]], composed_share=1
         )
 
 

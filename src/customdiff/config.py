@@ -337,9 +337,9 @@ class FinetuneConfig:
     )
     composed_views: float | None = option(
         None,
-        "share of target views shown at half size beside a regularization image of the same background, "
-        "the caption naming both (cut-mix; toy-grammar captions), so that the concept composes with other "
-        "objects (default: the model's, else 0)",
+        "share of target views made two-object scenes, the target's object beside a regularization "
+        "image's, the caption naming both (cut-mix; toy-grammar captions), so that the concept composes "
+        "with other objects (default: the model's, else 0; 0 with --reg none)",
     )
     flip: bool = option(True, "mirror half the images")
     seed: int = option(0, "random seed: the same seed gives the same concept")
@@ -355,6 +355,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         default_lr = DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"])
+        if self.reg == "none" and self.composed_views is None:  # the model's share needs partners
+            object.__setattr__(self, "composed_views", 0.0)
         fill_from_model(self, {"steps": 400, "lr": default_lr, "augment": True, "composed_views": 0.0})
         given = [self.images is not None or self.class_word is not None, bool(self.concept)]
         given.append(self.concepts_list is not None)

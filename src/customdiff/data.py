@@ -18,15 +18,15 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
-from customdiff import files, generate, models, toyworld
+from customdiff import files, generate, models, toyvision, toyworld
 from customdiff.errors import CustomDiffError
 
 CAPTION_TEMPLATE = "photo of a {token} {class_word}"  # the paper's prompt for uncaptioned images
@@ -151,56 +151,85 @@ def random_view(
     return View(pixels.contiguous(), mask, caption)
 
 
+@dataclass(frozen=True)
+class Cutout:
+    """One object cut out of a toy scene: a square of pixels centred on it, its mask, its radius."""
+
+    image: Image.Image
+    mask: Image.Image  # "L", 255 on the object
+    radius: float
+
+
+def object_cutout(image: Image.Image) -> Cutout | None:
+    """The single object of a 64×64 toy scene as the judge reads it, or None when it holds not one."""
+    if image.size != (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE):
+        return None
+    seen = toyvision.segment(np.asarray(image.convert("RGB"), dtype=np.float32))
+    if len(seen.objects) != 1:
+        return None
+    mask, fit = seen.objects[0]
+    half = math.ceil(1.2 * fit.radius) + 2
+    box = (round(fit.x) - half, round(fit.y) - half, round(fit.x) + half, round(fit.y) + half)
+    grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))  # its blended edge
+    return Cutout(image.convert("RGB").crop(box), grown.crop(box), fit.radius)
+
+
 def composed_view(
     example: Example,
-    partners: dict[str, list[tuple[Image.Image, toyworld.Thing]]],
+    partners: list[dict[str, list[tuple[Cutout, toyworld.Thing]]]],
     scale_factor: int,
     rng: np.random.Generator,
     flip: bool = True,
 ) -> View | None:
-    """A cut-mix view (SVDiff, Han et al. 2023, "Cut-Mix-Unmix"): the target and a regularization image of
-    the same background side by side, each at half size in a band of random height, the caption naming
-    both objects left to right; the loss counts the band.
+    """A two-object scene of the target's object beside a regularization image's object on its
+    background, laid out and sized as the toy world lays out two objects, the caption naming both left to
+    right; the loss counts it all. Cut-mix after SVDiff (Han et al. 2023), made a scene of the world.
 
     Trained on one-object captions alone, K/V read the concept from every position after its token, so a
     prompt naming a second object loses both (README, "Composition"). Only a one-object caption of the toy
-    grammar composes, with ``partners`` (``partners_by_background``) of its background; else None.
+    grammar whose image holds one object composes, with an object of its background from one of the
+    ``partners`` sets (``partners_by_background`` each), every set with one as likely; else None.
     """
     caption = toyworld.caption_or_none(example.caption)
-    candidates = partners.get(caption.background, []) if caption else []
-    if not candidates or len(caption.things) != 1:
+    one_object = caption is not None and len(caption.things) == 1
+    sets = [found for group in partners if one_object and (found := group.get(caption.background))]
+    target = object_cutout(example.image) if sets else None
+    if target is None:
         return None
-    partner, other = candidates[int(rng.integers(len(candidates)))]
-    size, half = example.image.width, example.image.width // 2
-    halves = [
-        to_pixels(
-            (ImageOps.mirror(image) if flip and rng.random() < 0.5 else image).resize(
-                (half, half), Image.Resampling.BICUBIC
-            )
+    candidates = sets[int(rng.integers(len(sets)))]
+    pair = [(target, caption.things[0]), candidates[int(rng.integers(len(candidates)))]]
+    if rng.random() < 0.5:
+        pair.reverse()
+    scene = toyworld.Caption(caption.background, tuple(dataclasses.replace(t, size=None) for _, t in pair))
+    background = np.array(toyworld.BACKGROUNDS[caption.background], dtype=np.int16)
+    noise = rng.integers(
+        -toyworld.NOISE, toyworld.NOISE + 1, size=(example.image.height, example.image.width, 3)
+    )
+    canvas = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+    for (cutout, _), place in zip(pair, toyworld.sample_layout(scene, rng), strict=True):
+        image, mask = cutout.image, cutout.mask
+        if flip and rng.random() < 0.5:
+            image, mask = ImageOps.mirror(image), ImageOps.mirror(mask)
+        side = max(1, round(image.width * place.radius / cutout.radius))
+        corner = (round(place.x - side / 2), round(place.y - side / 2))
+        canvas.paste(
+            image.resize((side, side), Image.Resampling.BICUBIC),
+            corner,
+            mask.resize((side, side), Image.Resampling.BILINEAR),
         )
-        for image in (example.image, fit(partner, size))
-    ]
-    top = int(rng.integers(half // 4, size - half - half // 4 + 1))
-    concept_left = rng.random() < 0.5
-    canvas = torch.zeros(3, size, size)
-    canvas[:, top : top + half] = torch.cat(halves if concept_left else halves[::-1], dim=2)
-    side = size // scale_factor
-    mask = torch.zeros(side, side)
-    mask[top // scale_factor + 1 : (top + half) // scale_factor - 1, 1 : side - 1] = 1
-    things = (dataclasses.replace(caption.things[0], size=None), dataclasses.replace(other, size=None))
-    text = str(dataclasses.replace(caption, things=things if concept_left else things[::-1]))
-    return View(canvas, mask, text)
+    side = example.image.width // scale_factor
+    return View(to_pixels(canvas), torch.ones(side, side), str(scene))
 
 
 def partners_by_background(
     images: Iterable[tuple[Image.Image, str]],
-) -> dict[str, list[tuple[Image.Image, toyworld.Thing]]]:
-    """The one-object toy-grammar images among regularization ``images``, by background, with their object."""
-    partners: dict[str, list[tuple[Image.Image, toyworld.Thing]]] = {}
+) -> dict[str, list[tuple[Cutout, toyworld.Thing]]]:
+    """The objects of one-object toy-grammar images among regularization ``images``, by background."""
+    partners: dict[str, list[tuple[Cutout, toyworld.Thing]]] = {}
     for image, text in images:
         caption = toyworld.caption_or_none(text)
-        if caption and len(caption.things) == 1:
-            partners.setdefault(caption.background, []).append((image, caption.things[0]))
+        if caption and len(caption.things) == 1 and (cutout := object_cutout(image)):
+            partners.setdefault(caption.background, []).append((cutout, caption.things[0]))
     return partners
 
 
@@ -251,15 +280,16 @@ def target_pool(
     seed: int,
     augment: bool = True,
     flip: bool = True,
-    partners: Iterable[tuple[Image.Image, str]] = (),
+    partners: Sequence[Iterable[tuple[Image.Image, str]]] = (),
     composed_share: float = 0.0,
 ) -> LatentPool:
     """``VIEWS_PER_IMAGE`` random views of each example, encoded once (the same for the same seed); a
-    ``composed_share`` of them cut-mix views with the regularization images ``partners`` where the caption
-    allows (``composed_view``)."""
+    ``composed_share`` of them two-object scenes with an object of one of the ``partners`` sets where the
+    caption allows (``composed_view``): the class's regularization images and, trained jointly, the other
+    concepts' images (SVDiff's cut-mix of two concepts)."""
     rng = np.random.default_rng(seed)
     count = VIEWS_PER_IMAGE * len(examples) if augment or flip or composed_share else len(examples)
-    by_background = partners_by_background(partners) if composed_share else {}
+    by_background = [partners_by_background(group) for group in partners] if composed_share else []
     composed_captions = []
 
     def view(example: Example) -> View:
@@ -272,8 +302,8 @@ def target_pool(
     pool = _encode_pool(vae, (view(examples[i % len(examples)]) for i in range(count)), count, seed)
     if composed_share and not composed_captions:
         warnings.warn(
-            "--composed-views: no caption could be composed (it takes one-object toy-grammar captions and "
-            "regularization images of their backgrounds); every view is a plain one",
+            "--composed-views: no view could be composed (it takes 64² images of one object with a "
+            "one-object toy-grammar caption, and partner images of their backgrounds); every view is plain",
             stacklevel=2,
         )
     return pool

@@ -294,32 +294,34 @@ def write_preview(step: int, pipe, prompts: list[str], folder: Path, seed: int) 
 def prepare_data(
     config: FinetuneConfig, pipe
 ) -> tuple[list[list[str]], list[data.LatentPool], list[data.LatentPool | None]]:
-    """Per concept: its target captions, and the encoded pools of its target views and of its class's
-    regularization images."""
+    """Per concept: its target captions, and the encoded pools of its target views (two-object views pair
+    it with its class's regularization images and the other concepts) and of its regularization images."""
     size = data.resolution(pipe)
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
     cache_dir = config.cache_dir or data.default_cache_dir()
-    captions, targets, regs = [], [], []
-    for spec in specs:
-        examples = data.load_examples(spec.images, size, spec.token, spec.class_word)
-        captions.append([example.caption for example in examples])
-        prompts = data.class_prompts(captions[-1], tokens)
+    examples = [data.load_examples(spec.images, size, spec.token, spec.class_word) for spec in specs]
+    captions = [[example.caption for example in own] for own in examples]
+    targets, regs = [], []
+    for index, own in enumerate(examples):
+        prompts = data.class_prompts(captions[index], tokens)
         for prompt in prompts:  # a class word or caption word the tokenizer cannot spell fails here
             models.check_prompt(pipe.tokenizer, prompt)
         reg_images = data.regularization_images(
             config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
         )
         scale, seed = pipe.vae_scale_factor, config.seed
+        others = [(e.image, e.caption) for rest in examples if rest is not own for e in rest]
+        partners = [reg_images, others] if others else [reg_images]  # two concepts side by side too
         targets.append(
             data.target_pool(
                 pipe.vae,
-                examples,
+                own,
                 scale,
                 seed,
                 config.augment,
                 config.flip,
-                reg_images,
+                partners,
                 config.composed_views,
             )
         )
