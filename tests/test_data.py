@@ -1,5 +1,6 @@
 """Concept data: captions, the paper's resize augmentation with its mask and prefixes, and the caches."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -35,6 +36,23 @@ def test_load_examples_keeps_captions_fits_images_and_uses_the_template(concept_
     with pytest.warns(UserWarning, match="single image"):
         (example,) = data.load_examples(plain, 32, TOKEN, "star")
     assert example.caption == "photo of a <new1> star" and example.image.size == (32, 32)
+
+
+def test_uncaptioned_toy_images_are_captioned_in_the_grammar_as_the_judge_reads_them(tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    scenes = list(toyworld.concept_scenes(toyworld.get_concept("starfish"), 6))
+    for index, (image, _) in enumerate(scenes):
+        Image.fromarray(image).save(bare / f"{index}.png")
+    examples = data.load_examples(bare, SIZE, TOKEN, "star", toy_grammar=True)
+    for example, (_, caption) in zip(examples, scenes, strict=True):
+        read, drawn = toyworld.parse_caption(example.caption), toyworld.parse_caption(caption)
+        assert read.background == drawn.background and read.things[0].size in toyworld.SIZES
+        assert dataclasses.replace(read.things[0], size=None) == drawn.things[0]  # <new1> star
+    assert data.load_examples(bare, SIZE, TOKEN, "star")[0].caption == "photo of a <new1> star"
+    assert (
+        data.load_examples(bare, SIZE, TOKEN, "cat", toy_grammar=True)[0].caption == "photo of a <new1> cat"
+    )
 
 
 def test_load_examples_rejects_an_empty_folder_and_captions_without_the_token(concept_dir, tmp_path):

@@ -21,7 +21,8 @@ def concept_dir(tmp_path_factory):
 
 
 def config_for(concept_dir, out, **changes) -> FinetuneConfig:
-    settings = dict(reg="none", steps=2, lr=1e-2, batch_size=2, checkpoint_every=100)
+    # composed_views: the tiny model's 32² images hold no toy scenes to compose
+    settings = dict(reg="none", steps=2, lr=1e-2, batch_size=2, checkpoint_every=100, composed_views=0.0)
     return FinetuneConfig(concept_dir, "star", out=out, **{**settings, **changes})
 
 
@@ -301,3 +302,23 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     listing.write_text('[{"class_word": "star"}]')
     code, _, err = run_cli("train", "--concepts-list", listing, "-o", tmp_path / "x")
     assert code == 2 and 'entry 1 needs "images"' in err and len(err.splitlines()) == 1
+
+
+def test_joint_two_object_views_set_the_concepts_beside_each_other(concept_dir, tmp_path):
+    ring_dir = tmp_path / "donut"
+    files.write_image_folder(
+        ring_dir, toyworld.concept_scenes(toyworld.get_concept("donut"), 4, token="<new2>")
+    )
+    reg_dir = tmp_path / "reg"
+    files.write_image_folder(reg_dir, toyworld.sample_scenes(24, seed=2, n_objects=1))
+    config = FinetuneConfig(
+        concept=(f"{concept_dir}:star", f"{ring_dir}:ring"),
+        reg="retrieve",
+        reg_dir=reg_dir,
+        num_reg=12,
+        composed_views=1.0,
+        out=tmp_path / "out",
+    )
+    _, targets, _ = finetune.prepare_data(config, models.load_pipeline())  # the toy model: 64² scenes
+    for pool, other in zip(targets, ("<new2> ring", "<new1> star"), strict=True):
+        assert any(other in caption and " and a " in caption for caption in pool.captions)

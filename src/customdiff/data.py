@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from customdiff import files, generate, models, toyvision, toyworld
+from customdiff import files, generate, models, toyjudge, toyvision, toyworld
 from customdiff.errors import CustomDiffError
 
 CAPTION_TEMPLATE = "photo of a {token} {class_word}"  # the paper's prompt for uncaptioned images
@@ -91,24 +91,31 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- target
 
 
-def load_examples(folder: Path, size: int, token: str, class_word: str) -> list[Example]:
+def load_examples(
+    folder: Path, size: int, token: str, class_word: str, toy_grammar: bool = False
+) -> list[Example]:
     """The concept's images, fitted to ``size``², with captions from the folder or the paper's template.
 
     Captions come from metadata.jsonl or .txt files (``files.read_image_folder``); an image without one is
-    captioned ``photo of a {token} {class_word}``.
+    captioned ``photo of a {token} {class_word}``, or with ``toy_grammar`` (a model that knows only the toy
+    world's words) in the grammar as the judge reads the image (``toyjudge.concept_caption``), since
+    that is how the toy model is prompted.
 
     Raises:
         CustomDiffError: the folder is missing or empty, or a caption does not name ``token``.
     """
     examples = []
     for path, image, caption in files.read_image_folder(folder):
+        image = fit(image, size)
+        if not caption and toy_grammar:
+            caption = toyjudge.concept_caption(image, token, class_word)
         caption = caption or CAPTION_TEMPLATE.format(token=token, class_word=class_word)
         if token not in caption.split():
             raise CustomDiffError(
                 f'{path}: its caption "{caption}" does not name the modifier token {token}; '
                 f"write {token} into the caption or pass the token it uses with --token"
             )
-        examples.append(Example(path, fit(image, size), caption))
+        examples.append(Example(path, image, caption))
     if len(examples) == 1:
         warnings.warn(f"{folder} holds a single image; the paper uses 4-20 per concept", stacklevel=2)
     return examples
@@ -167,11 +174,11 @@ def object_cutout(image: Image.Image) -> Cutout | None:
     seen = toyvision.segment(np.asarray(image.convert("RGB"), dtype=np.float32))
     if len(seen.objects) != 1:
         return None
-    mask, fit = seen.objects[0]
-    half = math.ceil(1.2 * fit.radius) + 2
-    box = (round(fit.x) - half, round(fit.y) - half, round(fit.x) + half, round(fit.y) + half)
-    grown = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))  # its blended edge
-    return Cutout(image.convert("RGB").crop(box), grown.crop(box), fit.radius)
+    region, template = seen.objects[0]
+    x, y, half = round(template.x), round(template.y), math.ceil(1.2 * template.radius) + 2
+    box = (x - half, y - half, x + half, y + half)
+    grown = Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))  # blended edge
+    return Cutout(image.convert("RGB").crop(box), grown.crop(box), template.radius)
 
 
 def composed_view(
@@ -181,7 +188,7 @@ def composed_view(
     rng: np.random.Generator,
     flip: bool = True,
 ) -> View | None:
-    """A two-object scene of the target's object beside a regularization image's object on its
+    """A two-object scene of the target's object beside a partner's object on the target's
     background, laid out and sized as the toy world lays out two objects, the caption naming both left to
     right; the loss counts it all. Cut-mix after SVDiff (Han et al. 2023), made a scene of the world.
 

@@ -300,7 +300,10 @@ def prepare_data(
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
     cache_dir = config.cache_dir or data.default_cache_dir()
-    examples = [data.load_examples(spec.images, size, spec.token, spec.class_word) for spec in specs]
+    toy_grammar = not models.spells_any_word(pipe.tokenizer)
+    examples = [
+        data.load_examples(spec.images, size, spec.token, spec.class_word, toy_grammar) for spec in specs
+    ]
     captions = [[example.caption for example in own] for own in examples]
     targets, regs = [], []
     for index, own in enumerate(examples):

@@ -19,7 +19,16 @@ from PIL import Image, ImageFilter
 
 from customdiff.errors import CustomDiffError
 from customdiff.toyvision import LEFT_MAX_X, RIGHT_MIN_X, Fit, as_rgb, colour_name, erode, segment
-from customdiff.toyworld import IMAGE_SIZE, Caption, Placement, concept_scenes, get_concept, parse_caption
+from customdiff.toyworld import (
+    IMAGE_SIZE,
+    SHAPES,
+    Caption,
+    Placement,
+    Thing,
+    concept_scenes,
+    get_concept,
+    parse_caption,
+)
 
 SMALL_MAX_RADIUS = 12.5  # between the spec's small (7–11 px) and large (14–20 px) radii
 CONCEPT_SIMILARITY = 0.45  # histogram intersection with a concept signature; other concepts reach ~0.3
@@ -132,6 +141,21 @@ def size_word(radius: float) -> str:
 def position_word(x: float) -> str:
     """Where an object sits: left (x ≈ 18), centre (x ≈ 32) or right (x ≈ 46)."""
     return "left" if x < LEFT_MAX_X else "right" if x > RIGHT_MIN_X else "centre"
+
+
+def concept_caption(image: np.ndarray | Image.Image, token: str, shape: str) -> str | None:
+    """A toy-grammar caption for an uncaptioned image of a concept: ``a {size} {token} {shape} on a
+    {background} background`` with size and background as read, or None unless it shows one object of a
+    world shape. The toy counterpart of captioning a user's photos with a captioning model."""
+    if shape not in SHAPES:
+        return None
+    try:
+        reading = read_image(image)
+    except CustomDiffError:  # not a 64×64 scene
+        return None
+    if len(reading.objects) != 1:
+        return None
+    return str(Caption(reading.background, (Thing(shape, token, reading.objects[0].size),)))
 
 
 # ---------------------------------------------------------------------------------------------- concepts
