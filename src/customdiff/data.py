@@ -171,14 +171,15 @@ def object_cutout(image: Image.Image) -> Cutout | None:
     """The single object of a 64×64 toy scene as the judge reads it, or None when it holds not one."""
     if image.size != (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE):
         return None
-    seen = toyvision.segment(np.asarray(image.convert("RGB"), dtype=np.float32))
+    rgb = image.convert("RGB")
+    seen = toyvision.segment(np.asarray(rgb, dtype=np.float32))
     if len(seen.objects) != 1:
         return None
     region, template = seen.objects[0]
     x, y, half = round(template.x), round(template.y), math.ceil(1.2 * template.radius) + 2
     box = (x - half, y - half, x + half, y + half)
     grown = Image.fromarray(region.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))  # blended edge
-    return Cutout(image.convert("RGB").crop(box), grown.crop(box), template.radius)
+    return Cutout(rgb.crop(box), grown.crop(box), template.radius)
 
 
 def composed_view(
@@ -198,8 +199,9 @@ def composed_view(
     ``partners`` sets (``partners_by_background`` each), every set with one as likely; else None.
     """
     caption = toyworld.caption_or_none(example.caption)
-    one_object = caption is not None and len(caption.things) == 1
-    sets = [found for group in partners if one_object and (found := group.get(caption.background))]
+    if caption is None or len(caption.things) != 1:
+        return None
+    sets = [group[caption.background] for group in partners if group.get(caption.background)]
     target = object_cutout(example.image) if sets else None
     if target is None:
         return None
