@@ -104,3 +104,17 @@ def tiny_pipeline_dir(tmp_path_factory):
     )  # fmt: skip
     CLIPModel(clip_config).save_pretrained(folder / "clip")  # as the toy model ships CLIP beside it
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_file(tiny_pipeline_dir, tmp_path_factory):
+    """The tiny pipeline's weights as one ``.safetensors`` file in the original (LDM) layout, the kind of
+    checkpoint A1111 and ComfyUI keep; its configs and tokenizer are those of ``tiny_pipeline_dir``."""
+    from safetensors.torch import save_file
+
+    from customdiff import models
+    from ldm_layout import ldm_state_dict
+
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny-sd.safetensors"
+    save_file(ldm_state_dict(models.load_pipeline(tiny_pipeline_dir)), path)
+    return path

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from customdiff import __version__, cli, config, demo, files
+from customdiff import __version__, cli, config, demo, files, toyworld
 from customdiff.errors import CustomDiffError
 
 
@@ -295,3 +297,22 @@ def test_console_script(tmp_path):
     assert sorted(path.name for path in (tmp_path / "out").glob("*.png")) == [
         entry["file_name"] for entry in entries
     ]
+
+
+def test_train_and_generate_take_a_checkpoint_file(
+    run_cli, tiny_pipeline_dir, tiny_checkpoint_file, tmp_path
+):
+    images = tmp_path / "images"
+    files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    single = ("--model", tiny_checkpoint_file, "--model-config", tiny_pipeline_dir)
+    train = ("train", "--images", images, "--class-word", "star", "--reg", "none", "--steps", 2, "--lr", 1e-2)
+    code, _, err = run_cli(*train, *single, "-o", tmp_path / "run")
+    assert code == 0, err
+    prompt = ("generate", "a <new1> star on a gray background", "--concept", tmp_path / "run", "--n", 1)
+    for name, model in (("file", single), ("folder", ("--model", tiny_pipeline_dir))):
+        code, _, err = run_cli(*prompt, "--steps", 2, *model, "-o", tmp_path / name)
+        assert code == 0, err
+    from_file, from_folder = (
+        np.asarray(Image.open(tmp_path / name / "00000.png")) for name in ("file", "folder")
+    )
+    assert np.array_equal(from_file, from_folder)  # one base model, whichever way it is stored

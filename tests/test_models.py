@@ -73,6 +73,33 @@ def test_load_pipeline_names_a_corrupt_weights_file(tiny_pipeline_dir, tmp_path)
         models.load_pipeline(broken)
 
 
+def test_a_checkpoint_file_loads_as_its_diffusers_folder(tiny_pipeline_dir, tiny_checkpoint_file, tmp_path):
+    folder = models.load_pipeline(tiny_pipeline_dir)
+    single = models.load_pipeline(tiny_checkpoint_file, model_config=tiny_pipeline_dir)
+    for part in ("unet", "vae", "text_encoder"):
+        expected, loaded = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert expected.keys() == loaded.keys()
+        assert all(torch.equal(expected[name], loaded[name]) for name in expected), part
+    assert models.model_hash(single) == models.model_hash(folder)  # a concept fits either
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "tiny-sd.ckpt"  # the pickled kind, read as weights only
+    torch.save({"state_dict": load_file(tiny_checkpoint_file)}, ckpt)
+    pickled = models.load_pipeline(ckpt, model_config=tiny_pipeline_dir)
+    assert models.model_hash(pickled) == models.model_hash(folder)
+
+
+def test_load_pipeline_names_a_bad_checkpoint_file(tiny_pipeline_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(CustomDiffError, match=r"notes.txt is no checkpoint file \(.safetensors or .ckpt\)"):
+        models.load_pipeline(notes, model_config=tiny_pipeline_dir)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    with pytest.raises(CustomDiffError, match="checkpoint .*broken.safetensors.*--model-config"):
+        models.load_pipeline(broken, model_config=tiny_pipeline_dir)
+
+
 def test_model_hash_tells_models_apart(tiny_pipeline_dir):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     before, threads = models.model_hash(pipe), torch.get_num_threads()

@@ -101,7 +101,7 @@ def generate(config: GenerateConfig) -> None:
 
     prompts = [config.prompt] if config.prompt is not None else sampling.read_prompts(config.prompts)
     files.prepare_output_dir(config.out)
-    pipe = models.load_pipeline(config.model)
+    pipe = models.load_pipeline(config.model, model_config=config.model_config)
     if config.concept is not None:
         from customdiff.concept import apply_concept
 

@@ -30,6 +30,10 @@ Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
 # Learning rate per image by mode: the paper's for the weights; Textual Inversion's (diffusers' example)
 # for the token alone, which at the weights' rate would barely move
 DEFAULT_LR: dict[str, float] = {"crossattn_kv": 1e-5, "token": 5e-4}
+MODEL_CONFIG_HELP = (
+    "with --model FILE: a diffusers folder (or hub id) of the same architecture for its configs and "
+    "tokenizer (default: the hub repo diffusers recognises in the file)"
+)
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
 
@@ -258,7 +262,10 @@ class GenerateConfig:
     steps: int = option(50, "sampling steps")
     guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
     seed: int = option(0, "seed of image 0; image i uses seed + i")
-    model: Path | None = option(None, "diffusers Stable Diffusion folder (default: the toy model)")
+    model: Path | None = option(
+        None, "diffusers Stable Diffusion folder or checkpoint file (default: the toy model)"
+    )
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     concept: Path | None = option(None, "concept.safetensors (or its folder) to apply to the model first")
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     batch_size: int = option(16, "images denoised at once")
@@ -305,8 +312,9 @@ class FinetuneConfig:
     )
     out: Path = option(Path("runs/concept"), "folder for concept.safetensors, checkpoints, previews", "-o")
     model: Path | None = option(
-        None, "base model: a diffusers Stable Diffusion folder (default: the toy model)"
+        None, "base model: a diffusers Stable Diffusion folder or checkpoint file (default: the toy model)"
     )
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     token: str = option("<new1>", "modifier token that names the concept in captions and prompts")
     initializer: str | None = option(
         None,
@@ -445,6 +453,7 @@ class EvalConfig:
     concept: Path = positional("concept.safetensors (or its folder) to evaluate")
     out: Path = option(Path("runs/eval"), "folder for eval.json, eval.md and the samples", short="-o")
     model: Path | None = option(None, "the base model the concept was trained on (default: the toy model)")
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     images: tuple[Path, ...] = option(
         (), "the concept's images, a folder per token (default: the folders it was trained on)"
     )
@@ -486,6 +495,7 @@ class MergeConfig:
     concepts: tuple[Path, ...] = positional("concept files (or their folders) to merge, of one base model")
     out: Path = option(Path("runs/merged"), "folder for the merged concept.safetensors", short="-o")
     model: Path | None = option(None, "the base model the concepts were trained on (default: the toy model)")
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     reg_captions: Path | None = option(
         None,
         "ordinary captions whose outputs the merge keeps, one a line (default: toy-world captions for "
@@ -514,6 +524,7 @@ class ExportConfig:
     model: Path | None = option(
         None, "the concept's base model, for the diffusers attention file (default: the toy model)"
     )
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
 
     def __post_init__(self) -> None:
         for word in self.trigger:

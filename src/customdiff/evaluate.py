@@ -267,7 +267,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         token: [image for _, image, _ in files.read_image_folder(folder)]
         for token, folder in zip(loaded.tokens, folders, strict=True)
     }
-    pipe = models.load_pipeline(config.model)
+    pipe = models.load_pipeline(config.model, model_config=config.model_config)
     if config.prompts is not None:
         prompts = prompts_from_file(config.prompts, loaded.tokens)
     elif all(word in toyworld.SHAPES for word in loaded.class_words):

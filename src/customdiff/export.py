@@ -150,7 +150,7 @@ def run_export(config: ExportConfig) -> list[Path]:
     else:
         unet = None
         if concept.mode in ("crossattn_kv", "crossattn"):  # the attention file holds base + delta
-            pipe = models.load_pipeline(config.model)
+            pipe = models.load_pipeline(config.model, model_config=config.model_config)
             apply_concept(pipe, concept)
             unet = pipe.unet
         written = write_diffusers(config.out, concept, unet, config.trigger)

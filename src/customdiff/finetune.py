@@ -364,7 +364,7 @@ def train(
     """Fine-tune as ``config.mode`` says and write the concept (§3.1); resumes from OUT's checkpoint.
 
     Args:
-        pipe: the base pipeline (default: ``models.load_pipeline(config.model)``); it is fine-tuned in
+        pipe: the base pipeline (default: ``models.load_pipeline(config.model, …)``); it is fine-tuned in
             place and holds the concept afterwards.
         preview: called as ``preview(step, pipe)`` every ``config.preview_every`` steps (default: a grid
             of three target captions and a class prompt in OUT/previews).
@@ -372,7 +372,7 @@ def train(
         the path of the written ``concept.safetensors``.
     """
     out = files.prepare_output_dir(config.out)
-    pipe = pipe or models.load_pipeline(config.model)
+    pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
     pipe.to(accelerator.device)

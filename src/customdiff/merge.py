@@ -242,7 +242,7 @@ def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport]:
     concepts = [load_concept(path) for path in config.concepts]
     check_mergeable(concepts, names)
     files.prepare_output_dir(config.out)
-    pipe = models.load_pipeline(config.model)
+    pipe = models.load_pipeline(config.model, model_config=config.model_config)
     if config.reg_captions is not None:
         captions = generate.read_prompts(config.reg_captions, "--reg-captions")[: config.num_reg_captions]
     else:

@@ -1,8 +1,9 @@
 """Base models: load and save a Stable Diffusion pipeline, and the toy base model's component configs.
 
-Every command takes a diffusers SD folder through ``load_pipeline``; the shipped toy model (default
-``--model``) is such a folder, built from the same classes as Stable Diffusion (CLIP tokenizer and text
-encoder, ``AutoencoderKL``, ``UNet2DConditionModel``), so that it loads exactly as a real checkpoint does.
+Every command takes a diffusers SD folder, or one checkpoint file in the original layout, through
+``load_pipeline``; the shipped toy model (default ``--model``) is such a folder, built from the same
+classes as Stable Diffusion (CLIP tokenizer and text encoder, ``AutoencoderKL``,
+``UNet2DConditionModel``), so that it loads exactly as a real checkpoint does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPConfig, CLIPTokenizer
 
 from customdiff import toyworld
@@ -148,25 +150,37 @@ def sampling_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # the one-file checkpoints A1111 and ComfyUI keep
+
+
 def load_pipeline(
-    model: str | Path | None = None, dtype: torch.dtype = torch.float32
+    model: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    model_config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a diffusers Stable Diffusion folder (default: the shipped toy model) for CPU or GPU use.
+    """Load a Stable Diffusion model (default: the shipped toy model) for CPU or GPU use: a diffusers folder,
+    or one checkpoint file in the original layout (``.safetensors``; ``.ckpt`` read as weights only).
+
+    A single file holds weights alone: diffusers takes the components' configs and tokenizer from
+    ``model_config`` (a diffusers folder or hub id of the same architecture), else from the hub repo of
+    the architecture it recognises in the file.
 
     Raises:
-        CustomDiffError: the folder is missing, is not a diffusers pipeline, or holds a missing or
-            corrupt weights file.
+        CustomDiffError: the folder or file is missing, not a model, or holds a missing or corrupt weights
+            file; a file's configs cannot be found.
     """
     path = Path(model) if model else TOY_MODEL_DIR
     quiet_libraries()
+    if path.is_file():
+        return _load_single_file(path, dtype, model_config)
     if not (path / "model_index.json").is_file():
         if path == TOY_MODEL_DIR:
             raise CustomDiffError(
                 f"the toy base model is missing at {path}; reinstall customdiff or pass --model"
             )
         raise CustomDiffError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json); "
-            "pass --model a Stable Diffusion folder"
+            f"{path} is not a diffusers pipeline folder (no model_index.json) nor a checkpoint file; "
+            "pass --model a Stable Diffusion folder or .safetensors file"
         )
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
@@ -177,12 +191,44 @@ def load_pipeline(
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CustomDiffError(
-            f"cannot load the pipeline in {path}: {first_line}; check or re-download its files"
+            f"cannot load the pipeline in {path}: {_first_line(error)}; check or re-download its files"
         ) from error
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, model_config: str | Path | None
+) -> StableDiffusionPipeline:
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise CustomDiffError(
+            f"{path} is no checkpoint file ({' or '.join(SINGLE_FILE_SUFFIXES)}); pass --model a Stable "
+            "Diffusion folder or checkpoint file"
+        )
+    local = model_config is not None and Path(model_config).is_dir()
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(model_config) if model_config is not None else None,
+            local_files_only=local,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
+        raise CustomDiffError(
+            f"cannot load the checkpoint {path}: {_first_line(error)}; pass --model-config a diffusers "
+            "folder of the same architecture (its configs and tokenizer), or check the file"
+        ) from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def quiet_libraries() -> None:
