@@ -35,7 +35,9 @@ from customdiff.errors import CustomDiffError
 NEW_ROWS = "new_token_rows"  # the trainable parameter holding the modifier tokens' embedding rows
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_EVERY = 10
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "out")
+# what a resumed run may change: how long, how often it saves, where it writes, and where a checkpoint
+# file's configs come from (the weights stay those of --model)
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "out", "model_config")
 
 
 # ---------------------------------------------------------------------------------------------- parameters
