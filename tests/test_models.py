@@ -81,6 +81,7 @@ def test_a_checkpoint_file_loads_as_its_diffusers_folder(tiny_pipeline_dir, tiny
         assert expected.keys() == loaded.keys()
         assert all(torch.equal(expected[name], loaded[name]) for name in expected), part
     assert models.model_hash(single) == models.model_hash(folder)  # a concept fits either
+    assert models.model_folder(single) == tiny_pipeline_dir  # where its clip/ and defaults are found
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "tiny-sd.ckpt"  # the pickled kind, read as weights only
@@ -141,3 +142,14 @@ def test_recommended_guidance_reads_the_model_folder_else_the_papers(tmp_path):
         models.recommended_guidance(pipe)
     toy = types.SimpleNamespace(name_or_path=str(models.TOY_MODEL_DIR))
     assert models.recommended_guidance(toy) == 3.0  # its UNet overshoots off-palette colours at 6
+
+
+def test_a_checkpoint_file_takes_the_defaults_of_its_config_folder(tmp_path):
+    checkpoint = tmp_path / "toy.safetensors"
+    checkpoint.write_bytes(b"")  # the defaults are read before any weight
+    beside = config.GenerateConfig("a red star", model=checkpoint, model_config=models.TOY_MODEL_DIR)
+    assert beside.guidance == 3.0
+    assert config.GenerateConfig("a red star", model=checkpoint).guidance == config.PAPER_GUIDANCE
+    train = config.FinetuneConfig(tmp_path, "star", model=checkpoint, model_config=models.TOY_MODEL_DIR)
+    assert (train.steps, train.augment) == (6000, False)
+    assert config.FinetuneConfig(tmp_path, "star", model=checkpoint).steps == 400

@@ -568,7 +568,11 @@ def fill_from_model(config: Any, fallbacks: dict[str, Any]) -> None:
     """Set each field of ``fallbacks`` left None to the model's default (from its table for the config's
     mode, if it has one per mode), else to the fallback."""
     unset = [name for name in fallbacks if getattr(config, name) is None]
-    recommended = model_defaults(type(config), config.model) if unset else {}
+    model, has_folder = config.model, True
+    if model is not None and Path(model).is_file():  # a checkpoint file: its --model-config folder's
+        model = config.model_config
+        has_folder = model is not None and Path(model).is_dir()
+    recommended = model_defaults(type(config), model) if unset and has_folder else {}
     for name in unset:
         value = recommended.get(name, fallbacks[name])
         if isinstance(value, dict):

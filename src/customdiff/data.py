@@ -388,7 +388,7 @@ def generated_regularization(
 
 @torch.no_grad()
 def retrieved_regularization(
-    folder: Path, clip_dir: Path, tokenizer, prompts: list[str], n: int
+    folder: Path, clip_dir: Path | None, tokenizer, prompts: list[str], n: int
 ) -> list[tuple[Image.Image, str]]:
     """The ``n`` images of a captioned folder closest to the class prompts by CLIP, with their own captions.
 
@@ -401,9 +401,10 @@ def retrieved_regularization(
     """
     from transformers import CLIPModel
 
-    if not (Path(clip_dir) / "config.json").is_file():
+    if clip_dir is None or not (Path(clip_dir) / "config.json").is_file():
         raise CustomDiffError(
-            f"--reg retrieve needs a CLIP model beside the base model, at {clip_dir}; pass --reg generate"
+            f"--reg retrieve needs a CLIP model beside the base model, at {clip_dir or 'MODEL/clip'} (a "
+            "checkpoint file's: in its --model-config folder); pass --reg generate"
         )
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
     records = files.read_image_folder(folder)
@@ -429,7 +430,8 @@ def regularization_images(
     if kind == "generate":
         return generated_regularization(pipe, prompts, n, cache_dir)
     if kind == "retrieve":
-        clip_dir = Path(pipe.name_or_path) / "clip"
+        folder = models.model_folder(pipe)
+        clip_dir = folder / "clip" if folder else None
         return retrieved_regularization(reg_dir, clip_dir, pipe.tokenizer, prompts, n)
     return []
 

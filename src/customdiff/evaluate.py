@@ -277,7 +277,13 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
             f'the class "{loaded.class_words[0]}" is no toy-world shape; pass --prompts FILE with prompts '
             f"that name {loaded.tokens[0]}"
         )
-    clip = ClipFeatures(config.clip or Path(pipe.name_or_path) / "clip", pipe.tokenizer)
+    folder = models.model_folder(pipe)
+    if config.clip is None and folder is None:
+        raise CustomDiffError(
+            f"{config.model} keeps no CLIP model beside it; pass --clip DIR "
+            "(or --model-config DIR holding clip/)"
+        )
+    clip = ClipFeatures(config.clip or folder / "clip", pipe.tokenizer)
     metrics = evaluate(
         pipe,
         loaded,

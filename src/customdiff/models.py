@@ -136,10 +136,18 @@ def recommended_guidance(pipe) -> float:
     """The guidance scale the pipeline's model folder sets for ``generate`` (``config.model_defaults``),
     else the paper's 6. The toy model sets 3: its palette-trained UNet pushes colours outside the palette
     into palette ones at 6, while world prompts come out as right at 3 (README, "Model defaults")."""
-    folder = getattr(pipe, "name_or_path", None)
-    if not folder:  # a pipeline built in code
+    folder = model_folder(pipe)
+    if folder is None:  # a pipeline built in code
         return PAPER_GUIDANCE
     return model_defaults(GenerateConfig, folder).get("guidance", PAPER_GUIDANCE)
+
+
+def model_folder(pipe) -> Path | None:
+    """The folder that holds a pipeline's extras (``clip/``, its defaults file): the diffusers folder it was
+    loaded from, or a checkpoint file's ``--model-config`` folder; None for one built in code or from the hub.
+    """
+    name = getattr(pipe, "name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -222,6 +230,8 @@ def _load_single_file(
             f"cannot load the checkpoint {path}: {_first_line(error)}; pass --model-config a diffusers "
             "folder of the same architecture (its configs and tokenizer), or check the file"
         ) from error
+    if local:  # its extras (clip/, defaults) live there too: see model_folder
+        pipe.register_to_config(_name_or_path=str(model_config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
