@@ -564,15 +564,23 @@ def model_defaults(config_class: type, model: Path | str | None) -> dict[str, An
     return values
 
 
+def extras_folder(model: Path | str | None, model_config: Path | str | None = None) -> Path | None:
+    """The folder that holds a model's extras (``clip/``, ``MODEL_DEFAULTS_FILE``): the model's own folder
+    (None: the toy model), or for a checkpoint file its ``--model-config`` folder; None when a file has none
+    (its configs come from the hub)."""
+    if model is None:
+        return TOY_MODEL_DIR
+    if Path(model).is_file():
+        return Path(model_config) if model_config is not None and Path(model_config).is_dir() else None
+    return Path(model)
+
+
 def fill_from_model(config: Any, fallbacks: dict[str, Any]) -> None:
     """Set each field of ``fallbacks`` left None to the model's default (from its table for the config's
     mode, if it has one per mode), else to the fallback."""
     unset = [name for name in fallbacks if getattr(config, name) is None]
-    model, has_folder = config.model, True
-    if model is not None and Path(model).is_file():  # a checkpoint file: its --model-config folder's
-        model = config.model_config
-        has_folder = model is not None and Path(model).is_dir()
-    recommended = model_defaults(type(config), model) if unset and has_folder else {}
+    folder = extras_folder(config.model, config.model_config)
+    recommended = model_defaults(type(config), folder) if unset and folder else {}
     for name in unset:
         value = recommended.get(name, fallbacks[name])
         if isinstance(value, dict):

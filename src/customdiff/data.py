@@ -430,9 +430,7 @@ def regularization_images(
     if kind == "generate":
         return generated_regularization(pipe, prompts, n, cache_dir)
     if kind == "retrieve":
-        folder = models.model_folder(pipe)
-        clip_dir = folder / "clip" if folder else None
-        return retrieved_regularization(reg_dir, clip_dir, pipe.tokenizer, prompts, n)
+        return retrieved_regularization(reg_dir, models.clip_folder(pipe), pipe.tokenizer, prompts, n)
     return []
 
 

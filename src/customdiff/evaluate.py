@@ -277,13 +277,13 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
             f'the class "{loaded.class_words[0]}" is no toy-world shape; pass --prompts FILE with prompts '
             f"that name {loaded.tokens[0]}"
         )
-    folder = models.model_folder(pipe)
-    if config.clip is None and folder is None:
+    clip_dir = config.clip or models.clip_folder(pipe)
+    if clip_dir is None:
         raise CustomDiffError(
             f"{config.model} keeps no CLIP model beside it; pass --clip DIR "
             "(or --model-config DIR holding clip/)"
         )
-    clip = ClipFeatures(config.clip or folder / "clip", pipe.tokenizer)
+    clip = ClipFeatures(clip_dir, pipe.tokenizer)
     metrics = evaluate(
         pipe,
         loaded,

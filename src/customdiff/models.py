@@ -25,7 +25,7 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError
 from transformers import CLIPConfig, CLIPTokenizer
 
 from customdiff import toyworld
-from customdiff.config import PAPER_GUIDANCE, TOY_MODEL_DIR, GenerateConfig, model_defaults
+from customdiff.config import PAPER_GUIDANCE, TOY_MODEL_DIR, GenerateConfig, extras_folder, model_defaults
 from customdiff.errors import CustomDiffError
 
 AUGMENTATION_WORDS = ("very", "small", "far", "away", "zoomed", "in", "close", "up", "photo", "of", "a")
@@ -143,11 +143,16 @@ def recommended_guidance(pipe) -> float:
 
 
 def model_folder(pipe) -> Path | None:
-    """The folder that holds a pipeline's extras (``clip/``, its defaults file): the diffusers folder it was
-    loaded from, or a checkpoint file's ``--model-config`` folder; None for one built in code or from the hub.
-    """
+    """The folder that holds a loaded pipeline's extras (``config.extras_folder``), which ``load_pipeline``
+    leaves as its ``name_or_path``; None for one built in code or from the hub."""
     name = getattr(pipe, "name_or_path", None)
     return Path(name) if name and Path(name).is_dir() else None
+
+
+def clip_folder(pipe) -> Path | None:
+    """MODEL/clip: where a pipeline's model keeps the CLIP model for the metrics and retrieval."""
+    folder = model_folder(pipe)
+    return folder / "clip" if folder else None
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -214,12 +219,12 @@ def _load_single_file(
             f"{path} is no checkpoint file ({' or '.join(SINGLE_FILE_SUFFIXES)}); pass --model a Stable "
             "Diffusion folder or checkpoint file"
         )
-    local = model_config is not None and Path(model_config).is_dir()
+    folder = extras_folder(path, model_config)
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),
             config=str(model_config) if model_config is not None else None,
-            local_files_only=local,
+            local_files_only=folder is not None,
             dtype=dtype,
             safety_checker=None,
             feature_extractor=None,
@@ -230,8 +235,8 @@ def _load_single_file(
             f"cannot load the checkpoint {path}: {_first_line(error)}; pass --model-config a diffusers "
             "folder of the same architecture (its configs and tokenizer), or check the file"
         ) from error
-    if local:  # its extras (clip/, defaults) live there too: see model_folder
-        pipe.register_to_config(_name_or_path=str(model_config))
+    if folder is not None:  # its extras (clip/, defaults) live there too: see model_folder
+        pipe.register_to_config(_name_or_path=str(folder))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
