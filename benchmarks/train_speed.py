@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from customdiff import data, files, finetune, models, toyworld
+from customdiff import data, files, finetune, models, text, toyworld
 from customdiff.config import FinetuneConfig
 
 WARMUP_STEPS = 10  # excluded from the timing: first steps allocate and warm caches
@@ -77,11 +77,11 @@ def reference(args, images: Path, work: Path) -> float:
         masks = torch.stack([v.mask for v in views] + [torch.ones_like(views[0].mask)] * half)[:, None]
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
-        ids = data.tokenize(pipe.tokenizer, [v.caption for v in views] + [caption for _, caption in regs])
-        text = pipe.text_encoder(ids)[0]
+        ids = text.tokenize(pipe.tokenizer, [v.caption for v in views] + [caption for _, caption in regs])
+        features = pipe.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
-        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
+        prediction = pipe.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, features).sample
         loss = finetune.masked_mse(prediction, noise, masks)
         loss.backward()
         keep = torch.zeros(len(embedding), 1)

@@ -22,14 +22,21 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def unet_output():
     """``unet_output(pipe, prompt)``: the UNet's noise prediction for fixed latents and timestep, with the
-    prompt encoded by diffusers (so a loaded textual inversion counts)."""
+    prompt encoded by diffusers (so a loaded textual inversion counts); an SDXL UNet also gets the pooled
+    text and the size of an uncropped image, as its pipeline gives them."""
 
     @torch.no_grad()
     def output(pipe, prompt: str) -> torch.Tensor:
-        text = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+        encoded = pipe.encode_prompt(
+            prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         side = pipe.unet.config.sample_size
+        added = None
+        if pipe.unet.config.addition_embed_type == "text_time":
+            size = float(side * pipe.vae_scale_factor)
+            added = {"text_embeds": encoded[2], "time_ids": torch.tensor([[size, size, 0, 0, size, size]])}
         latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
-        return pipe.unet(latents, torch.tensor([500]), text).sample
+        return pipe.unet(latents, torch.tensor([500]), encoded[0], added_cond_kwargs=added).sample
 
     return output
 
@@ -42,31 +49,31 @@ def scene_folder(tmp_path):
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline_dir(tmp_path_factory):
-    """An SD-shaped pipeline with random weights and a few channels, saved as a diffusers folder with a
-    CLIP model in ``clip/``."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+def tiny_text_config(vocab_size: int, width: int):
+    """A 2-layer CLIP text encoder of ``width`` for the toy tokenizer."""
+    from transformers import CLIPTextConfig
 
     from customdiff import models
 
-    torch.manual_seed(0)
-    tokenizer = models.build_toy_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=models.MAX_TOKENS,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=models.MAX_TOKENS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
     )
-    vae = AutoencoderKL(
+
+
+def tiny_vae():
+    """An AutoencoderKL of a few channels: 32² pixels ↔ 16²×4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
@@ -74,6 +81,21 @@ def tiny_pipeline_dir(tmp_path_factory):
         norm_num_groups=4,
         sample_size=32,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """An SD-shaped pipeline with random weights and a few channels, saved as a diffusers folder with a
+    CLIP model in ``clip/``."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+    from customdiff import models
+
+    torch.manual_seed(0)
+    tokenizer = models.build_toy_tokenizer()
+    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), 32))
+    vae = tiny_vae()
     unet = UNet2DConditionModel(
         sample_size=16,
         block_out_channels=(16, 32),
@@ -118,3 +140,47 @@ def tiny_checkpoint_file(tiny_pipeline_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("checkpoint") / "tiny-sd.safetensors"
     save_file(ldm_state_dict(models.load_pipeline(tiny_pipeline_dir)), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """An SDXL-shaped pipeline with random weights (two text encoders of widths 16 and 32, a "text_time"
+    UNet reading both side by side), saved as a diffusers folder."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from customdiff import models
+
+    torch.manual_seed(0)
+    tokenizer = models.build_toy_tokenizer()
+    text_encoders = (
+        CLIPTextModel(tiny_text_config(len(tokenizer), 16)),
+        CLIPTextModelWithProjection(tiny_text_config(len(tokenizer), 32)),
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 32,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,  # pooled text + 6 size numbers
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
+        tokenizer=tokenizer,
+        tokenizer_2=models.build_toy_tokenizer(),
+        unet=unet,
+        scheduler=models.sampling_scheduler(),
+    )
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe.save_pretrained(folder)
+    return folder

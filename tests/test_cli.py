@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 
 from customdiff import __version__, cli, config, demo, files, toyworld
 from customdiff.errors import CustomDiffError
@@ -316,3 +317,20 @@ def test_train_and_generate_take_a_checkpoint_file(
         np.asarray(Image.open(tmp_path / name / "00000.png")) for name in ("file", "folder")
     )
     assert np.array_equal(from_file, from_folder)  # one base model, whichever way it is stored
+
+
+def test_an_sdxl_model_trains_generates_and_exports_from_the_command_line(run_cli, tiny_sdxl_dir, tmp_path):
+    images = tmp_path / "images"
+    files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    model = ("--model", tiny_sdxl_dir)
+    train = ("train", "--images", images, "--class-word", "star", "--num-reg", 2, "--steps", 2)
+    code, _, err = run_cli(*train, *model, "--cache-dir", tmp_path / "cache", "-o", tmp_path / "run")
+    assert code == 0, err
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 2  # regularization sampled by the SDXL pipeline
+    prompt = ("generate", "a <new1> star on a gray background", "--concept", tmp_path / "run", "--n", 1)
+    code, _, err = run_cli(*prompt, "--steps", 2, *model, "-o", tmp_path / "samples")
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / "samples" / "00000.png")).shape == (32, 32, 3)
+    code, _, err = run_cli("export", tmp_path / "run", "--trigger", "mystar", "-o", tmp_path / "webui")
+    assert code == 0, err
+    assert load_file(tmp_path / "webui" / "embeddings" / "mystar.safetensors").keys() == {"clip_l", "clip_g"}

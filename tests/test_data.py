@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from customdiff import data, files, generate, models, toyjudge, toyworld
+from customdiff import data, files, generate, models, text, toyjudge, toyworld
 from customdiff.errors import CustomDiffError
 
 SIZE, FACTOR = 64, 4  # the toy model: 64² pixels, 16² latents
@@ -306,10 +306,13 @@ def test_encode_captions_caches_only_captions_without_a_modifier_token(tiny_pipe
     pipe.text_encoder.forward = lambda ids, *a, **k: encoded.append(len(ids)) or forward(ids, *a, **k)
     cache = {}
     captions = ["a <new1> star on a sand background", "a red star on a sand background"]
-    features = data.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, first_new, cache)
-    again = data.encode_captions(pipe.tokenizer, pipe.text_encoder, captions, first_new, cache)
+    encoders = text.text_encoders(pipe)
+    features, pooled = data.encode_captions(encoders, captions, [first_new], cache)
+    again, pooled_again = data.encode_captions(encoders, captions, [first_new], cache)
     assert list(cache) == ["a red star on a sand background"]
     assert encoded == [1, 1, 1]  # the plain caption once, the token caption every time
     assert torch.equal(features, again) and features.shape[:2] == (2, pipe.tokenizer.model_max_length)
-    reference = pipe.text_encoder(data.tokenize(pipe.tokenizer, captions))[0]
-    torch.testing.assert_close(features, reference)
+    assert torch.equal(pooled, pooled_again)
+    reference = pipe.text_encoder(text.tokenize(pipe.tokenizer, captions))
+    torch.testing.assert_close(features, reference[0])
+    torch.testing.assert_close(pooled, reference[1])

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from customdiff import concept, data, files, finetune, models, toyworld
+from customdiff import concept, data, files, finetune, models, text, toyworld
 from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
@@ -65,9 +65,10 @@ def test_modes_select_cross_attention_by_name(tiny_pipeline_dir):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     finetune.add_modifier_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"], ["ktn"])
     with finetune.new_token_rows(pipe.text_encoder, 1):
-        kv = finetune.trainable_parameters(pipe.unet, pipe.text_encoder, "crossattn_kv")
-        attention = finetune.trainable_parameters(pipe.unet, pipe.text_encoder, "crossattn")
-        token = finetune.trainable_parameters(pipe.unet, pipe.text_encoder, "token")
+        encoders = text.text_encoders(pipe)
+        kv = finetune.trainable_parameters(pipe.unet, encoders, "crossattn_kv")
+        attention = finetune.trainable_parameters(pipe.unet, encoders, "crossattn")
+        token = finetune.trainable_parameters(pipe.unet, encoders, "token")
     token_row = "text_encoder.embeddings.token_embedding.new_token_rows"
     assert list(token) == [token_row]
     assert {name.split("attn2.")[1] for name in kv if name != token_row} == {"to_k.weight", "to_v.weight"}
@@ -102,15 +103,16 @@ def test_every_new_token_row_trains_and_no_other_row_moves(tiny_pipeline_dir, co
     before = text_encoder.get_input_embeddings().weight.detach().clone()
     pipe.unet.requires_grad_(False), text_encoder.requires_grad_(False)
     with finetune.new_token_rows(text_encoder, 2) as embedding:
-        rows = finetune.trainable_parameters(pipe.unet, text_encoder, "token")
+        rows = finetune.trainable_parameters(pipe.unet, text.text_encoders(pipe), "token")
         optimizer = torch.optim.AdamW([p.requires_grad_() for p in rows.values()], lr=1e-2, weight_decay=0.1)
         examples = data.load_examples(concept_dir, data.resolution(pipe), "<new1>", "star")
         pool = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=0)
         latents, masks, _ = pool.take(torch.arange(4))
         captions = [caption.replace("<new1>", "<new1> <new2>") for caption in pool.captions[:4]]
-        text = data.encode_captions(tokenizer, text_encoder, captions, embedding.first, {})
+        states, _ = data.encode_captions(text.text_encoders(pipe), captions, [embedding.first], {})
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        finetune.diffusion_loss(pipe.unet, scheduler, latents, masks, text, torch.Generator()).backward()
+        loss = finetune.diffusion_loss(pipe.unet, scheduler, latents, masks, states, None, torch.Generator())
+        loss.backward()
         optimizer.step()
     after = text_encoder.get_input_embeddings().weight
     assert torch.equal(after[: ids[0]], before[: ids[0]])  # weight decay never touches the old rows
@@ -149,12 +151,13 @@ def fixed_batch_loss(pipe, concept_dir) -> float:
     examples = data.load_examples(concept_dir, data.resolution(pipe), "<new1>", "star")
     pool = data.target_pool(pipe.vae, examples, pipe.vae_scale_factor, seed=0, augment=False, flip=False)
     first_new = pipe.tokenizer.convert_tokens_to_ids("<new1>")
-    text = data.encode_captions(pipe.tokenizer, pipe.text_encoder, list(pool.captions) * 4, first_new, {})
+    encoders = text.text_encoders(pipe)
+    states, _ = data.encode_captions(encoders, list(pool.captions) * 4, [first_new], {})
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
         latents, masks = pool.latents.repeat(4, 1, 1, 1), pool.masks.repeat(4, 1, 1, 1)
         return finetune.diffusion_loss(
-            pipe.unet, scheduler, latents, masks, text, torch.Generator().manual_seed(1)
+            pipe.unet, scheduler, latents, masks, states, None, torch.Generator().manual_seed(1)
         )
 
 

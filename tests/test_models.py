@@ -73,6 +73,20 @@ def test_load_pipeline_names_a_corrupt_weights_file(tiny_pipeline_dir, tmp_path)
         models.load_pipeline(broken)
 
 
+def test_load_pipeline_takes_sd_and_sdxl_folders_and_names_another_kind(
+    tiny_pipeline_dir, tiny_sdxl_dir, tmp_path
+):
+    assert type(models.load_pipeline(tiny_pipeline_dir)).__name__ == "StableDiffusionPipeline"
+    assert type(models.load_pipeline(tiny_sdxl_dir)).__name__ == "StableDiffusionXLPipeline"
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(
+        CustomDiffError, match="names a FluxPipeline pipeline; pass --model a Stable Diffusion"
+    ):
+        models.load_pipeline(other)
+
+
 def test_a_checkpoint_file_loads_as_its_diffusers_folder(tiny_pipeline_dir, tiny_checkpoint_file, tmp_path):
     folder = models.load_pipeline(tiny_pipeline_dir)
     single = models.load_pipeline(tiny_checkpoint_file, model_config=tiny_pipeline_dir)
@@ -88,6 +102,28 @@ def test_a_checkpoint_file_loads_as_its_diffusers_folder(tiny_pipeline_dir, tiny
     torch.save({"state_dict": load_file(tiny_checkpoint_file)}, ckpt)
     pickled = models.load_pipeline(ckpt, model_config=tiny_pipeline_dir)
     assert models.model_hash(pickled) == models.model_hash(folder)
+
+
+@pytest.mark.parametrize("model, open_clip", [("tiny_pipeline_dir", True), ("tiny_sdxl_dir", False)])
+def test_sd2_and_sdxl_checkpoint_files_load_as_their_folders(model, open_clip, request, tmp_path):
+    """An SD 2.x file keeps its text encoder in OpenCLIP naming; an SDXL file (SGM naming) holds two text
+    encoders and is told apart by its second one's keys."""
+    from safetensors.torch import save_file
+
+    from ldm_layout import ldm_state_dict
+
+    folder = request.getfixturevalue(model)
+    pipe = models.load_pipeline(folder)
+    path = tmp_path / "model.safetensors"
+    save_file(ldm_state_dict(pipe, open_clip=open_clip), path)
+    single = models.load_pipeline(path, model_config=folder)
+    assert type(single) is type(pipe) is models.checkpoint_pipeline_class(path, None)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, part, None) is not None:
+            expected, loaded = getattr(pipe, part).state_dict(), getattr(single, part).state_dict()
+            assert expected.keys() == loaded.keys()
+            assert all(torch.equal(expected[name], loaded[name]) for name in expected), part
+    assert models.model_hash(single) == models.model_hash(pipe)
 
 
 def test_load_pipeline_names_a_bad_checkpoint_file(tiny_pipeline_dir, tmp_path):

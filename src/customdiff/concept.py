@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from customdiff import files, models
+from customdiff import files, models, text
 from customdiff.errors import CustomDiffError
 
 CONCEPT_FILE = "concept.safetensors"
@@ -35,8 +35,9 @@ UP, DOWN = ".up", ".down"  # suffixes of a low-rank delta's factors in the file
 class Concept:
     """A fine-tuned concept relative to its base model.
 
-    token_embeddings: (tokens, dim), one row per modifier token. deltas: "unet.<parameter>" → fine-tuned
-    minus base value, for each UNet tensor the mode trained. factors: for deltas kept in low rank
+    token_embeddings: (tokens, Σ embedding_widths), one row per modifier token: its rows in each text
+    encoder side by side (SD: one encoder; SDXL: 768 + 1280, see ``text.py``). deltas: "unet.<parameter>"
+    → fine-tuned minus base value, for each UNet tensor the mode trained. factors: for deltas kept in low rank
     (``compress.py``), name → (up (out, r), down (r, in)) with ``deltas[name] == up @ down``; the file
     then stores the factors alone. captions: the distinct training captions, which ``merge.py`` holds the
     merged weights to.
@@ -52,6 +53,12 @@ class Concept:
     captions: tuple[str, ...] = ()
     config: dict = field(default_factory=dict)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    embedding_widths: tuple[int, ...] = ()  # empty: one text encoder, as wide as the rows
+
+    def token_rows(self) -> tuple[torch.Tensor, ...]:
+        """The token embeddings split per text encoder: (tokens, width) each."""
+        widths = self.embedding_widths or (self.token_embeddings.shape[1],)
+        return self.token_embeddings.split(list(widths), dim=1)
 
 
 def save_concept(out_dir: Path, concept: Concept) -> Path:
@@ -73,6 +80,7 @@ def save_concept(out_dir: Path, concept: Concept) -> Path:
         "tokens": json.dumps(concept.tokens),
         "class_words": json.dumps(concept.class_words),
         "initializers": json.dumps(concept.initializers),
+        "embedding_widths": json.dumps(concept.embedding_widths),
         "captions": json.dumps(concept.captions),
         "config": json.dumps(concept.config),
     }
@@ -136,6 +144,7 @@ def load_concept(path: Path) -> Concept:
         captions=tuple(json.loads(metadata.get("captions", "[]"))),
         config=json.loads(metadata["config"]),
         factors=factors,
+        embedding_widths=tuple(json.loads(metadata.get("embedding_widths", "[]"))),
     )
 
 
@@ -150,7 +159,7 @@ class AppliedConcept:
 def apply_concept(pipe, concept: Concept | Path | str) -> AppliedConcept:
     """Add a concept to a diffusers Stable Diffusion pipeline, in place.
 
-    The modifier tokens go into the tokenizer and their rows into the text encoder (through diffusers'
+    The modifier tokens go into the tokenizers and their rows into the text encoders (through diffusers'
     ``load_textual_inversion``, as its own file would), and each delta is added to its UNet weight. The
     replaced weights are kept (for ``crossattn_kv`` ~3% of the UNet) so that ``remove_concept`` is exact.
 
@@ -170,8 +179,7 @@ def apply_concept(pipe, concept: Concept | Path | str) -> AppliedConcept:
             f"{CONCEPT_FILE} was trained on base {concept.base_hash}, not on this model ({actual}); "
             "pass --model the base model it was trained on"
         )
-    embeddings = concept.token_embeddings.to(pipe.text_encoder.device, pipe.text_encoder.dtype)
-    pipe.load_textual_inversion(embeddings, token=list(concept.tokens))
+    text.load_tokens(pipe, list(concept.tokens), concept.token_embeddings)
     originals = {}
     with torch.no_grad():
         for name, delta in concept.deltas.items():
@@ -189,4 +197,4 @@ def remove_concept(pipe, applied: AppliedConcept) -> None:
     with torch.no_grad():
         for name, original in applied.originals.items():
             pipe.unet.get_parameter(name.removeprefix("unet.")).copy_(original)
-    pipe.unload_textual_inversion(list(applied.concept.tokens))
+    text.unload_tokens(pipe, list(applied.concept.tokens))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from customdiff import files, generate, models, toyjudge, toyvision, toyworld
+from customdiff import files, generate, models, text, toyjudge, toyvision, toyworld
 from customdiff.errors import CustomDiffError
 
 CAPTION_TEMPLATE = "photo of a {token} {class_word}"  # the paper's prompt for uncaptioned images
@@ -235,8 +235,8 @@ def partners_by_background(
 ) -> dict[str, list[tuple[Cutout, toyworld.Thing]]]:
     """The objects of one-object toy-grammar images among regularization ``images``, by background."""
     partners: dict[str, list[tuple[Cutout, toyworld.Thing]]] = {}
-    for image, text in images:
-        caption = toyworld.caption_or_none(text)
+    for image, caption_text in images:
+        caption = toyworld.caption_or_none(caption_text)
         if caption and len(caption.things) == 1 and (cutout := object_cutout(image)):
             partners.setdefault(caption.background, []).append((cutout, caption.things[0]))
     return partners
@@ -413,7 +413,7 @@ def retrieved_regularization(
         raise CustomDiffError(
             f"{folder}: {uncaptioned[0]} has no caption; retrieval keeps images' own captions"
         )
-    ids = tokenize(tokenizer, prompts)
+    ids = text.tokenize(tokenizer, prompts)
     query = torch.nn.functional.normalize(models.clip_text_features(clip, ids), dim=-1).mean(0)
     size = clip.config.vision_config.image_size
     pixels = torch.stack([to_pixels(fit(image, size)) for _, image, _ in records])
@@ -442,33 +442,26 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------- text
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, tokenizer.model_max_length) token ids, padded as Stable Diffusion pads."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def encode_captions(
-    tokenizer, text_encoder, captions: list[str], first_new_id: int, cache: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """Text features (B, tokens, dim) of ``captions``, those without a modifier token from ``cache``.
+    encoders: list[text.TextEncoder],
+    captions: list[str],
+    first_new_ids: list[int],
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text features (B, tokens, dim) and pooled features (B, p) of ``captions`` (``text.encode``), those
+    without a modifier token from ``cache``.
 
-    Only the modifier tokens' embedding rows train, so a caption without one always gives the same
-    features: it is encoded once, without gradients, and kept in ``cache`` under its text.
+    Only the modifier tokens' embedding rows (from ``first_new_ids``, one per encoder) train, so a caption
+    without one always gives the same features: it is encoded once, without gradients, and kept in
+    ``cache`` under its text.
     """
-    device = next(text_encoder.parameters()).device
-    ids = tokenize(tokenizer, captions).to(device)
-    live = (ids >= first_new_id).any(dim=1)
+    ids = [text.tokenize(encoder.tokenizer, captions) for encoder in encoders]
+    live = torch.stack([(i >= first).any(dim=1) for i, first in zip(ids, first_new_ids, strict=True)]).any(0)
     missing = [i for i, caption in enumerate(captions) if not live[i] and caption not in cache]
     if missing:
         with torch.no_grad():
-            features = text_encoder(ids[missing])[0]
-        cache.update({captions[i]: feature for i, feature in zip(missing, features, strict=True)})
-    rows = list(text_encoder(ids[live])[0]) if live.any() else []
-    ordered = [rows.pop(0) if live[i] else cache[caption] for i, caption in enumerate(captions)]
-    return torch.stack(ordered)
+            states, pooled = text.encode(encoders, [i[missing] for i in ids])
+        cache.update({captions[i]: (s, p) for i, s, p in zip(missing, states, pooled, strict=True)})
+    live_rows = list(zip(*text.encode(encoders, [i[live] for i in ids]), strict=True)) if live.any() else []
+    ordered = [live_rows.pop(0) if live[i] else cache[caption] for i, caption in enumerate(captions)]
+    return torch.stack([states for states, _ in ordered]), torch.stack([pooled for _, pooled in ordered])

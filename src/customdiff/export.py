@@ -8,7 +8,8 @@
 (``lora_unet_{module}`` with ``lora_down``/``lora_up``/``alpha`` for a compressed delta, or the exact delta
 as ``diff`` / ``diff_b``), which diffusers' ``load_lora_weights`` also reads in the low-rank form, and
 ``embeddings/TRIGGER.safetensors`` per token as ``emb_params``. A trigger word stands in for ``<new1>``,
-which is a poor prompt word there and no valid file name on Windows.
+which is a poor prompt word there and no valid file name on Windows. An SDXL concept's embedding files hold
+``clip_l`` and ``clip_g``, a row for each text encoder, in both formats.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DIFFUSERS_NAMES = {
     "to_out.0.bias": "to_out_custom_diffusion.0.bias",
 }
 EXPORTABLE_MODES = ("crossattn_kv", "crossattn", "token")  # a full concept is a whole UNet
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # an SDXL embedding file: one row per text encoder
 
 
 def check_exportable(concept: Concept) -> None:
@@ -51,6 +53,14 @@ def triggers(concept: Concept, given: tuple[str, ...] = ()) -> tuple[str, ...]:
             f"pass one trigger word for each"
         )
     return given or tuple(token.strip("<>") for token in concept.tokens)
+
+
+def embedding_tensors(concept: Concept, index: int, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of token ``index``'s embedding file: ``{key: (1, d)}`` for one text encoder; for SDXL
+    ``clip_l`` and ``clip_g``, (1, width) each, the file AUTOMATIC1111 and ComfyUI read and diffusers' SDXL
+    examples load one encoder at a time."""
+    rows = [part[index : index + 1] for part in concept.token_rows()]
+    return dict(zip(SDXL_EMBEDDING_KEYS, rows, strict=True)) if len(rows) == 2 else {key: rows[0]}
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -82,8 +92,8 @@ def write_diffusers(out: Path, concept: Concept, unet=None, words: tuple[str, ..
     out = files.prepare_output_dir(out)
     written = []
     names = triggers(concept, words) if words else concept.tokens  # <new1>.safetensors, as diffusers' example
-    for word, row in zip(names, concept.token_embeddings, strict=True):
-        save_tensors(out / f"{word}.safetensors", {word: row}, {"format": "pt"})
+    for index, word in enumerate(names):
+        save_tensors(out / f"{word}.safetensors", embedding_tensors(concept, index, word), {"format": "pt"})
         written.append(out / f"{word}.safetensors")
     if unet is not None and concept.mode in ("crossattn_kv", "crossattn"):
         save_tensors(out / DIFFUSERS_ATTN_FILE, diffusers_attn_state(unet, concept.mode), {"format": "pt"})
@@ -125,9 +135,9 @@ def write_webui(out: Path, concept: Concept, words: tuple[str, ...] = ()) -> lis
     check_exportable(concept)
     words = triggers(concept, words)
     written = []
-    for word, row in zip(words, concept.token_embeddings, strict=True):
+    for index, word in enumerate(words):
         path = files.prepare_output_dir(Path(out) / "embeddings") / f"{word}.safetensors"
-        save_tensors(path, {"emb_params": row[None]}, {"name": word})  # (vectors, dim)
+        save_tensors(path, embedding_tensors(concept, index, "emb_params"), {"name": word})  # (vectors, dim)
         written.append(path)
     if concept.deltas:
         path = files.prepare_output_dir(Path(out) / "lora") / f"{'_'.join(words)}.safetensors"

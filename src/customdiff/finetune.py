@@ -15,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm.auto import tqdm
 
-from customdiff import concept, data, export, files, generate, models
+from customdiff import concept, data, export, files, generate, models, text
 from customdiff.config import FinetuneConfig, Mode, save_config
 from customdiff.errors import CustomDiffError
 
@@ -44,7 +44,7 @@ RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "out", "model
 
 
 def _is_token_row(name: str) -> bool:
-    return name.startswith("text_encoder.") and name.endswith(NEW_ROWS)
+    return name.startswith("text_encoder") and name.endswith(NEW_ROWS)
 
 
 MODE_PREDICATES: dict[str, Callable[[str], bool]] = {
@@ -55,14 +55,15 @@ MODE_PREDICATES: dict[str, Callable[[str], bool]] = {
 }
 
 
-def trainable_parameters(unet, text_encoder, mode: Mode) -> dict[str, torch.nn.Parameter]:
-    """The parameters ``mode`` trains, by name ("unet.…", "text_encoder.…"), in a fixed order.
+def trainable_parameters(unet, encoders: list[text.TextEncoder], mode: Mode) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``mode`` trains, by name ("unet.…", "text_encoder.…", SDXL "text_encoder_2.…"), in a
+    fixed order.
 
     The modifier tokens' rows count only once split off by ``new_token_rows``, so that the other rows of
     the embedding can never change.
     """
     named = [(f"unet.{name}", p) for name, p in unet.named_parameters()]
-    named += [(f"text_encoder.{name}", p) for name, p in text_encoder.named_parameters()]
+    named += [(f"{e.name}.{name}", p) for e in encoders for name, p in e.model.named_parameters()]
     return {name: parameter for name, parameter in named if MODE_PREDICATES[mode](name)}
 
 
@@ -211,14 +212,17 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def diffusion_loss(
-    unet, scheduler: DDPMScheduler, latents, masks, text, generator: torch.Generator
+    unet, scheduler: DDPMScheduler, latents, masks, states, added: dict | None, generator: torch.Generator
 ) -> torch.Tensor:
-    """The denoising loss at random timesteps (Eq. 1), masked; noise and timesteps from ``generator``."""
+    """The denoising loss at random timesteps (Eq. 1), masked; noise and timesteps from ``generator``.
+
+    ``states``: the text features; ``added``: an SDXL UNet's extra inputs (``text.added_conditions``).
+    """
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (len(latents),), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, text).sample
+    prediction = unet(noisy, timesteps, states, added_cond_kwargs=added).sample
     if scheduler.config.prediction_type == "v_prediction":
         return masked_mse(prediction, scheduler.get_velocity(latents, noise, timesteps), masks)
     return masked_mse(prediction, noise, masks)
@@ -334,16 +338,17 @@ def prepare_data(
     return captions, targets, regs
 
 
-def prepare_modules(accelerator: Accelerator, unet, text_encoder, optimizer) -> tuple:
+def prepare_modules(accelerator: Accelerator, modules: list, optimizer) -> tuple[list, object]:
     """Hand the modules that hold trainable parameters and the optimizer to accelerate (devices, DDP).
 
     Returns:
-        (unet, text encoder, optimizer) to run the step with; a module with nothing to train stays as is.
+        (the modules to run the step with, in order; the optimizer); a module with nothing to train stays
+        as is.
     """
-    trained = [m for m in (unet, text_encoder) if any(p.requires_grad for p in m.parameters())]
+    trained = [m for m in modules if any(p.requires_grad for p in m.parameters())]
     *prepared, optimizer = accelerator.prepare(*trained, optimizer)
     wrapped = dict(zip(map(id, trained), prepared, strict=True))
-    return wrapped.get(id(unet), unet), wrapped.get(id(text_encoder), text_encoder), optimizer
+    return [wrapped.get(id(module), module) for module in modules], optimizer
 
 
 @contextmanager
@@ -387,26 +392,33 @@ def train(
     prompts = [caption for group in captions for caption in list(dict.fromkeys(group))[:per_concept]]
     prompts += data.class_prompts(captions[0], tokens)[:1]
     preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
-    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
-    initializers = [spec.initializer or models.default_initializer(tokenizer, spec.token) for spec in specs]
-    token_ids = add_modifier_tokens(tokenizer, text_encoder, tokens, initializers)
-    for module in (pipe.vae, unet, text_encoder):
+    unet, encoders = pipe.unet, text.text_encoders(pipe)
+    initializers = [
+        spec.initializer or models.default_initializer(pipe.tokenizer, spec.token) for spec in specs
+    ]
+    for encoder in encoders:
+        add_modifier_tokens(encoder.tokenizer, encoder.model, tokens, initializers)
+    for module in [pipe.vae, unet] + [encoder.model for encoder in encoders]:
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    text_cache: dict[str, torch.Tensor] = {}
-    with (
-        new_token_rows(text_encoder, len(token_ids)) as embedding,
-        start_detached(unet),
-        gradient_checkpointing(unet, config.gradient_checkpointing),
-    ):
-        parameters = trainable_parameters(unet, text_encoder, config.mode)
+    size = data.resolution(pipe)
+    text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with ExitStack() as stack:
+        embeddings = [stack.enter_context(new_token_rows(e.model, len(tokens))) for e in encoders]
+        stack.enter_context(start_detached(unet))
+        stack.enter_context(gradient_checkpointing(unet, config.gradient_checkpointing))
+        parameters = trainable_parameters(unet, encoders, config.mode)
         base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
         for parameter in parameters.values():
             parameter.requires_grad_(True)
         lr = config.lr * (config.batch_size * accelerator.num_processes if config.scale_lr else 1)
         optimizer = torch.optim.AdamW(parameters.values(), lr=lr)
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
-        unet_step, text_step, optimizer = prepare_modules(accelerator, unet, text_encoder, optimizer)
+        (unet_step, *models_step), optimizer = prepare_modules(
+            accelerator, [unet] + [encoder.model for encoder in encoders], optimizer
+        )
+        encoders_step = [dataclasses.replace(e, model=m) for e, m in zip(encoders, models_step, strict=True)]
+        first_new_ids = [embedding.first for embedding in embeddings]
         bar = tqdm(
             total=config.steps,
             initial=step,
@@ -421,8 +433,11 @@ def train(
             generator = torch.Generator().manual_seed(hash((config.seed, accelerator.process_index, step)))
             latents, masks, batch_captions = sample_batch(targets, regs, config.batch_size, generator)
             with accelerator.autocast():
-                text = data.encode_captions(tokenizer, text_step, batch_captions, embedding.first, text_cache)
-                loss = diffusion_loss(unet_step, scheduler, latents, masks, text, generator)
+                states, pooled = data.encode_captions(
+                    encoders_step, batch_captions, first_new_ids, text_cache
+                )
+                added = text.added_conditions(unet.config, pooled, size)
+                loss = diffusion_loss(unet_step, scheduler, latents, masks, states, added, generator)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
@@ -449,12 +464,13 @@ def train(
             tokens=tuple(tokens),
             class_words=tuple(spec.class_word for spec in specs),
             initializers=tuple(initializers),
-            token_embeddings=getattr(embedding, NEW_ROWS).detach().float().cpu(),
+            token_embeddings=torch.cat([getattr(e, NEW_ROWS).detach().float().cpu() for e in embeddings], 1),
+            embedding_widths=text.embedding_widths(encoders),
             deltas={name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()},
             captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
             config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
         )
-    for module in (unet, text_encoder):
+    for module in [unet] + [encoder.model for encoder in encoders]:
         module.requires_grad_(False).eval()
     path = out / concept.CONCEPT_FILE
     if accelerator.is_main_process:

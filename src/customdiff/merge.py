@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from customdiff import data, files, generate, models, toyworld
+from customdiff import data, files, generate, models, text, toyworld
 from customdiff.concept import Concept, concept_file, load_concept, save_concept
 from customdiff.config import MergeConfig, save_config
 from customdiff.errors import CustomDiffError
@@ -82,11 +82,13 @@ def regularization_captions(tokenizer, n: int, seed: int = 0) -> list[str]:
 
 @torch.no_grad()
 def text_features(pipe, captions: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (N, tokens) and the text encoder's features (N, tokens, d) in float64."""
-    ids = data.tokenize(pipe.tokenizer, captions)
-    device = pipe.text_encoder.device
-    features = [pipe.text_encoder(chunk.to(device))[0].double().cpu() for chunk in ids.split(batch_size)]
-    return ids, torch.cat(features)
+    """Token ids (N, tokens) of the first tokenizer and the features the UNet reads (N, tokens, d) in float64
+    (SDXL: both encoders' side by side, whose tokenizers put each word at the same position)."""
+    encoders = text.text_encoders(pipe)
+    ids = [text.tokenize(encoder.tokenizer, captions) for encoder in encoders]
+    chunks = zip(*(encoder_ids.split(batch_size) for encoder_ids in ids), strict=True)
+    features = [text.encode(encoders, list(chunk))[0].double().cpu() for chunk in chunks]
+    return ids[0], torch.cat(features)
 
 
 def constraint_rows(
@@ -206,7 +208,7 @@ def merge_concepts(pipe, concepts: list[Concept], reg_captions: list[str]) -> tu
     gram = regularization_gram(pipe, reg_captions)
     tokens = [token for concept in concepts for token in concept.tokens]
     embeddings = torch.cat([concept.token_embeddings for concept in concepts])
-    pipe.load_textual_inversion(embeddings.to(pipe.text_encoder.dtype), token=tokens)
+    text.load_tokens(pipe, tokens, embeddings)
     first_new_id = pipe.tokenizer.convert_tokens_to_ids(tokens[0])
     try:
         rows = []
@@ -218,7 +220,7 @@ def merge_concepts(pipe, concepts: list[Concept], reg_captions: list[str]) -> tu
             ids, features = text_features(pipe, captions)
             rows.append(constraint_rows(ids, features, first_new_id, pipe.tokenizer.eos_token_id))
     finally:
-        pipe.unload_textual_inversion(tokens)
+        text.unload_tokens(pipe, tokens)
     names = sorted({name for concept in concepts for name in concept.deltas})
     base = {name: pipe.unet.get_parameter(name.removeprefix("unet.")).detach().cpu() for name in names}
     deltas, report = merge_deltas(base, gram, rows, [concept.deltas for concept in concepts])
@@ -232,6 +234,7 @@ def merge_concepts(pipe, concepts: list[Concept], reg_captions: list[str]) -> tu
         deltas=deltas,
         captions=tuple(caption for concept in concepts for caption in concept.captions),
         config={"merged_from": [concept.config for concept in concepts]},
+        embedding_widths=concepts[0].embedding_widths,
     )
     return merged, report
 

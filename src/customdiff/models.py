@@ -18,13 +18,16 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import SingleFileComponentError
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPConfig, CLIPTokenizer
 
-from customdiff import toyworld
+from customdiff import text, toyworld
 from customdiff.config import PAPER_GUIDANCE, TOY_MODEL_DIR, GenerateConfig, extras_folder, model_defaults
 from customdiff.errors import CustomDiffError
 
@@ -164,15 +167,51 @@ def sampling_scheduler() -> DDIMScheduler:
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # the one-file checkpoints A1111 and ComfyUI keep
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+LOADING_ARGUMENTS = {  # no safety checker: none ships with customdiff, and hubs are offline
+    StableDiffusionPipeline: dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+    StableDiffusionXLPipeline: {},
+}
+SDXL_FILE_KEY = "conditioner.embedders.1."  # the second text encoder of an SDXL file in the original layout
+
+
+def pipeline_class(model_index: Path) -> type:
+    """The pipeline class a diffusers folder's ``model_index.json`` names: SD 1.x/2.x or SDXL.
+
+    Raises:
+        CustomDiffError: it names another kind of pipeline.
+    """
+    name = json.loads(model_index.read_text()).get("_class_name", "")
+    if name not in PIPELINE_CLASSES:
+        raise CustomDiffError(
+            f"{model_index} names a {name or 'nameless'} pipeline; pass --model a Stable Diffusion 1.x/2.x "
+            "or SDXL model"
+        )
+    return PIPELINE_CLASSES[name]
+
+
+def checkpoint_pipeline_class(path: Path, model_config: str | Path | None) -> type:
+    """SD or SDXL for a checkpoint file: as its --model-config folder says, else by the file's keys."""
+    if model_config is not None and (Path(model_config) / "model_index.json").is_file():
+        return pipeline_class(Path(model_config) / "model_index.json")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as handle:
+                if any(key.startswith(SDXL_FILE_KEY) for key in handle.keys()):
+                    return StableDiffusionXLPipeline
+        except (SafetensorError, OSError):
+            pass  # diffusers names what is wrong with the file
+    return StableDiffusionPipeline
 
 
 def load_pipeline(
     model: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     model_config: str | Path | None = None,
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion model (default: the shipped toy model) for CPU or GPU use: a diffusers folder,
-    or one checkpoint file in the original layout (``.safetensors``; ``.ckpt`` read as weights only).
+) -> DiffusionPipeline:
+    """Load a Stable Diffusion 1.x/2.x or SDXL model (default: the shipped toy model) for CPU or GPU use: a
+    diffusers folder, or one checkpoint file in the original layout (``.safetensors``; ``.ckpt`` read as
+    weights only).
 
     A single file holds weights alone: diffusers takes the components' configs and tokenizer from
     ``model_config`` (a diffusers folder or hub id of the same architecture), else from the hub repo of
@@ -195,14 +234,9 @@ def load_pipeline(
             f"{path} is not a diffusers pipeline folder (no model_index.json) nor a checkpoint file; "
             "pass --model a Stable Diffusion folder or .safetensors file"
         )
+    cls = pipeline_class(path / "model_index.json")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path,
-            dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = cls.from_pretrained(path, dtype=dtype, **LOADING_ARGUMENTS[cls])
     except (OSError, ValueError) as error:
         raise CustomDiffError(
             f"cannot load the pipeline in {path}: {_first_line(error)}; check or re-download its files"
@@ -211,24 +245,21 @@ def load_pipeline(
     return pipe
 
 
-def _load_single_file(
-    path: Path, dtype: torch.dtype, model_config: str | Path | None
-) -> StableDiffusionPipeline:
+def _load_single_file(path: Path, dtype: torch.dtype, model_config: str | Path | None) -> DiffusionPipeline:
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise CustomDiffError(
             f"{path} is no checkpoint file ({' or '.join(SINGLE_FILE_SUFFIXES)}); pass --model a Stable "
             "Diffusion folder or checkpoint file"
         )
     folder = extras_folder(path, model_config)
+    cls = checkpoint_pipeline_class(path, model_config)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
+        pipe = cls.from_single_file(
             str(path),
             config=str(model_config) if model_config is not None else None,
             local_files_only=folder is not None,
             dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **LOADING_ARGUMENTS[cls],
         )
     except (OSError, ValueError, KeyError, RuntimeError, SingleFileComponentError) as error:
         raise CustomDiffError(
@@ -256,15 +287,15 @@ def quiet_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
-def model_hash(pipe: StableDiffusionPipeline) -> str:
-    """A short fingerprint of the base weights a concept is trained on (UNet and text encoder).
+def model_hash(pipe: DiffusionPipeline) -> str:
+    """A short fingerprint of the base weights a concept is trained on (UNet and text encoders).
 
     It reads values, never a floating-point sum, whose rounding depends on the thread count and the
     device, and reads them in float16, so that a concept trained on a GPU, or on float32 weights, still
     fits the same base loaded on a CPU or in float16. Each tensor gives an even spread of its values.
     """
     digest = hashlib.sha256()
-    for module in (pipe.unet, pipe.text_encoder):
+    for module in [pipe.unet] + [encoder.model for encoder in text.text_encoders(pipe)]:
         for name, tensor in sorted(module.state_dict().items()):
             values = tensor.detach().flatten()
             values = values[:: max(1, len(values) // HASH_VALUES)]
