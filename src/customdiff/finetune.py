@@ -289,6 +289,20 @@ def load_checkpoint(path: Path, parameters: dict, optimizer, config: FinetuneCon
     return state["step"]
 
 
+def preview_prompts(captions: list[list[str]], tokens: list[str]) -> list[str]:
+    """What the preview grids show: a few target captions of each concept, then a class prompt."""
+    per_concept = max(1, 3 // len(captions))
+    prompts = [caption for group in captions for caption in list(dict.fromkeys(group))[:per_concept]]
+    return prompts + data.class_prompts(captions[0], tokens)[:1]
+
+
+def append_log(path: Path, step: int, losses: list[float], seconds: float) -> None:
+    """One line of ``log.jsonl``: the step, the mean loss of the last LOG_EVERY steps, the loop's seconds."""
+    record = {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "seconds": round(seconds, 3)}
+    with open(path, "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
 def write_preview(step: int, pipe, prompts: list[str], folder: Path, seed: int) -> None:
     """Two samples of each prompt in one grid (one row per prompt), as ``folder/step-NNNNNN.png``."""
     images = generate.sample(pipe, prompts, n=2, steps=25, seed=seed, progress=False)
@@ -388,9 +402,7 @@ def train(
     tokens = [spec.token for spec in specs]
     with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
         captions, targets, regs = prepare_data(config, pipe)
-    per_concept = max(1, 3 // len(captions))  # previews: a few captions of each concept, a class prompt
-    prompts = [caption for group in captions for caption in list(dict.fromkeys(group))[:per_concept]]
-    prompts += data.class_prompts(captions[0], tokens)[:1]
+    prompts = preview_prompts(captions, tokens)
     preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
     unet, encoders = pipe.unet, text.text_encoders(pipe)
     initializers = [
@@ -449,10 +461,7 @@ def train(
             if not accelerator.is_main_process:
                 continue
             if step % LOG_EVERY == 0:
-                with open(out / "log.jsonl", "a") as log:
-                    seconds = round(time.perf_counter() - started, 3)
-                    record = {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "seconds": seconds}
-                    log.write(json.dumps(record) + "\n")
+                append_log(out / "log.jsonl", step, losses, time.perf_counter() - started)
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
             if config.preview_every and step % config.preview_every == 0:
