@@ -226,11 +226,12 @@ def test_config_rejects_inconsistent_flags(concept_dir):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_one_concept(tiny_pipeline_dir, concept_dir, tmp_path):
+@pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])
+def test_two_cpu_processes_train_one_concept(model, request, concept_dir, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     train = ["-m", "customdiff", "train", "--images", concept_dir, "--class-word", "star"]
-    train += ["--model", tiny_pipeline_dir, "--reg", "none", "--steps", "3", "--batch-size", "2"]
+    train += ["--model", request.getfixturevalue(model), "--reg", "none", "--steps", "3", "--batch-size", "2"]
     result = subprocess.run(
         [*launch, *map(str, train), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600
     )
