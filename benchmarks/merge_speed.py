@@ -1,13 +1,14 @@
 """Merge speed on Stable Diffusion 1.5-shaped layers: the closed form (§3.2) against naive addition.
 
 SD 1.5 has 16 cross-attention layers whose K/V matrices read 768-d text features (320, 640 or 1280
-outputs). Two concepts with four captions each (constraint rows: the modifier token to end of text) are
-merged under ~1000 regularization captions of 77 tokens. The text features are random stand-ins of the
-right shapes (encoding the captions is the text encoder's time, the same for any merge).
+outputs); SDXL (``--sdxl``) has 70 reading 2048-d ones (640 or 1280 outputs). Two concepts with four
+captions each (constraint rows: the modifier token to end of text) are merged under ~1000 regularization
+captions of 77 tokens. The text features are random stand-ins of the right shapes (encoding the captions
+is the text encoder's time, the same for any merge).
 
-    python benchmarks/merge_speed.py [--captions 1000] [--width 768]
+    python benchmarks/merge_speed.py [--captions 1000] [--width 768] [--sdxl]
 
-Prints the seconds of the regularization Gram matrix and of the solve for all 32 matrices, the naive
+Prints the seconds of the regularization Gram matrix and of the solve for all matrices, the naive
 sum's time beside them, and the constraint residuals (target: the whole merge ≤ 5 s on a 2-core CPU).
 """
 
@@ -21,6 +22,8 @@ import torch
 from customdiff import merge
 
 SD15_ATTN2_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)
+# SDXL: transformer layers per attention block × blocks, by level (down 640, 1280; mid; up 1280, 640)
+SDXL_ATTN2_WIDTHS = (640,) * 2 * 2 + (1280,) * 2 * 10 + (1280,) * 10 + (1280,) * 3 * 10 + (640,) * 3 * 2
 
 
 def main() -> None:
@@ -28,11 +31,13 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=77)
     parser.add_argument("--width", type=int, default=768, help="text feature width (SD 2.x: 1024)")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL's 70 layers, text width 2048")
     args = parser.parse_args()
+    layers, args.width = (SDXL_ATTN2_WIDTHS, 2048) if args.sdxl else (SD15_ATTN2_WIDTHS, args.width)
     generator = torch.Generator().manual_seed(0)
     base = {
         f"unet.layer{i}.attn2.{kv}.weight": torch.randn(out, args.width, generator=generator) * 0.02
-        for i, out in enumerate(SD15_ATTN2_WIDTHS)
+        for i, out in enumerate(layers)
         for kv in ("to_k", "to_v")
     }
     deltas = [{name: torch.randn_like(w) * 1e-3 for name, w in base.items()} for _ in range(2)]

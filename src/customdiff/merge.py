@@ -185,10 +185,13 @@ def merge_deltas(
     largest_target = max(largest_target, 1e-30)
     widths = [len(W0) for W0 in base.values()]
     merged = [(D @ X_layer).T for X_layer in X.split(widths, dim=1)]
+    # Σ tr(ΔW M ΔWᵀ) over the layers in the dual: ΔWᵀ = D X, so tr(Xᵀ (Dᵀ M D) X), an (s, s) kernel
+    # instead of a (d, d) product per layer (SDXL's 140 matrices: seconds instead of half a minute)
+    kernel = D.T @ (gram @ D)
     report = MergeReport(
         residual=float((S @ X - R).abs().max()) / largest_target,
         naive_residual=naive_residual / largest_target,
-        objective=sum(change_on_captions(delta, gram) for delta in merged),
+        objective=float((X * (kernel @ X)).sum()),
         naive_objective=naive_objective,
     )
     merged = [delta.float() for delta in merged]
