@@ -87,13 +87,19 @@ def test_load_pipeline_takes_sd_and_sdxl_folders_and_names_another_kind(
         models.load_pipeline(other)
 
 
+def assert_same_weights(loaded, expected) -> None:
+    """Every tensor of the UNet, VAE and text encoder(s) equal, under the same names."""
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(expected, part, None) is not None:
+            want, got = getattr(expected, part).state_dict(), getattr(loaded, part).state_dict()
+            assert want.keys() == got.keys(), part
+            assert all(torch.equal(want[name], got[name]) for name in want), part
+
+
 def test_a_checkpoint_file_loads_as_its_diffusers_folder(tiny_pipeline_dir, tiny_checkpoint_file, tmp_path):
     folder = models.load_pipeline(tiny_pipeline_dir)
     single = models.load_pipeline(tiny_checkpoint_file, model_config=tiny_pipeline_dir)
-    for part in ("unet", "vae", "text_encoder"):
-        expected, loaded = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
-        assert expected.keys() == loaded.keys()
-        assert all(torch.equal(expected[name], loaded[name]) for name in expected), part
+    assert_same_weights(single, folder)
     assert models.model_hash(single) == models.model_hash(folder)  # a concept fits either
     assert models.model_folder(single) == tiny_pipeline_dir  # where its clip/ and defaults are found
     from safetensors.torch import load_file
@@ -118,11 +124,7 @@ def test_sd2_and_sdxl_checkpoint_files_load_as_their_folders(model, open_clip, r
     save_file(ldm_state_dict(pipe, open_clip=open_clip), path)
     single = models.load_pipeline(path, model_config=folder)
     assert type(single) is type(pipe) is models.checkpoint_pipeline_class(path, None)
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, part, None) is not None:
-            expected, loaded = getattr(pipe, part).state_dict(), getattr(single, part).state_dict()
-            assert expected.keys() == loaded.keys()
-            assert all(torch.equal(expected[name], loaded[name]) for name in expected), part
+    assert_same_weights(single, pipe)
     assert models.model_hash(single) == models.model_hash(pipe)
 
 
