@@ -405,12 +405,13 @@ def train(
     prompts = preview_prompts(captions, tokens)
     preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
     unet, encoders = pipe.unet, text.text_encoders(pipe)
+    encoder_models = [encoder.model for encoder in encoders]
     initializers = [
         spec.initializer or models.default_initializer(pipe.tokenizer, spec.token) for spec in specs
     ]
     for encoder in encoders:
         add_modifier_tokens(encoder.tokenizer, encoder.model, tokens, initializers)
-    for module in [pipe.vae, unet] + [encoder.model for encoder in encoders]:
+    for module in [pipe.vae, unet, *encoder_models]:
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = data.resolution(pipe)
@@ -427,7 +428,7 @@ def train(
         optimizer = torch.optim.AdamW(parameters.values(), lr=lr)
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
         (unet_step, *models_step), optimizer = prepare_modules(
-            accelerator, [unet] + [encoder.model for encoder in encoders], optimizer
+            accelerator, [unet, *encoder_models], optimizer
         )
         encoders_step = [dataclasses.replace(e, model=m) for e, m in zip(encoders, models_step, strict=True)]
         first_new_ids = [embedding.first for embedding in embeddings]
@@ -479,7 +480,7 @@ def train(
             captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
             config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
         )
-    for module in [unet] + [encoder.model for encoder in encoders]:
+    for module in [unet, *encoder_models]:
         module.requires_grad_(False).eval()
     path = out / concept.CONCEPT_FILE
     if accelerator.is_main_process:
