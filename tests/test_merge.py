@@ -53,24 +53,10 @@ def test_the_merge_copes_with_duplicate_constraint_rows():
     assert (C @ W.T - V).abs().max() < 1e-5
 
 
-def random_concept(pipe, token: str, seed: int, mode: str = "crossattn_kv") -> concept.Concept:
-    generator = torch.Generator().manual_seed(seed)
-    names = [f"unet.{name}" for name, _ in pipe.unet.named_parameters() if ".attn2.to_" in name]
-    names = [name for name in names if name.endswith(("to_k.weight", "to_v.weight"))]
-    width = pipe.text_encoder.config.hidden_size
-    return concept.Concept(
-        base_hash=models.model_hash(pipe),
-        mode=mode,
-        tokens=(token,),
-        class_words=("star",),
-        initializers=("ktn",),
-        token_embeddings=torch.randn(1, width, generator=generator),
-        deltas={
-            name: 0.1 * torch.randn(pipe.unet.get_parameter(name[5:]).shape, generator=generator)
-            for name in names
-        },
-        captions=CAPTIONS[token],
-    )
+@pytest.fixture
+def random_concept(make_concept):
+    """``random_concept(pipe, token, seed)``: a K/V concept, small random deltas, its captions above."""
+    return lambda pipe, token, seed: make_concept(pipe, token, seed, scale=0.1, captions=CAPTIONS[token])
 
 
 @torch.no_grad()
@@ -87,9 +73,12 @@ def key_outputs(pipe, concept_: concept.Concept, caption: str) -> dict[str, torc
     return outputs
 
 
-def test_merged_concept_keeps_each_concepts_outputs_on_its_captions(tiny_pipeline_dir):
+def test_merged_concept_keeps_each_concepts_outputs_on_its_captions(tiny_pipeline_dir, random_concept):
     pipe = models.load_pipeline(tiny_pipeline_dir)
-    first, second = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
+    first, second = (
+        random_concept(pipe, "<new1>", 1),
+        random_concept(pipe, "<new2>", 2),
+    )
     captions = merge.regularization_captions(pipe.tokenizer, 200)
     merged, report = merge.merge_concepts(pipe, [first, second], captions)
     assert merged.tokens == ("<new1>", "<new2>") and merged.base_hash == first.base_hash
@@ -100,13 +89,15 @@ def test_merged_concept_keeps_each_concepts_outputs_on_its_captions(tiny_pipelin
     assert "<new1>" not in pipe.tokenizer.get_vocab()  # the base pipeline is left as it was
 
 
-def test_merging_one_concept_returns_it(tiny_pipeline_dir):
+def test_merging_one_concept_returns_it(tiny_pipeline_dir, random_concept):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     only = random_concept(pipe, "<new1>", 1)
     assert merge.merge_concepts(pipe, [only], ["a red star on a gray background"])[0] is only
 
 
-def test_merge_cli_writes_a_usable_concept_and_names_bad_input(run_cli, tiny_pipeline_dir, tmp_path):
+def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
+    run_cli, tiny_pipeline_dir, tmp_path, random_concept
+):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     for token, seed in (("<new1>", 1), ("<new2>", 2)):
         concept.save_concept(tmp_path / token.strip("<>"), random_concept(pipe, token, seed))
