@@ -43,25 +43,26 @@ def unet_output():
 
 @pytest.fixture(scope="session")
 def make_concept():
-    """``make_concept(pipe, token, seed, mode, scale, captions)``: a concept of ``pipe`` with a random token
-    row and random deltas, ``scale`` · N(0, 1), for every UNet tensor ``mode`` trains."""
-    from customdiff import concept, finetune, models
+    """``make_concept(pipe, token, seed, mode, scale, captions)``: a concept of ``pipe`` (SD or SDXL) with
+    random token rows and random deltas, ``scale`` · N(0, 1), for every UNet tensor ``mode`` trains."""
+    from customdiff import concept, finetune, models, text
 
     def make(pipe, token="<new1>", seed=0, mode="crossattn_kv", scale=0.2, captions=()) -> concept.Concept:
         generator = torch.Generator().manual_seed(seed)
-        width = pipe.text_encoder.config.hidden_size
+        widths = text.embedding_widths(text.text_encoders(pipe))
         return concept.Concept(
             base_hash=models.model_hash(pipe),
             mode=mode,
             tokens=(token,),
             class_words=("star",),
             initializers=("ktn",),
-            token_embeddings=torch.randn(1, width, generator=generator),
+            token_embeddings=torch.randn(1, sum(widths), generator=generator),
             deltas={
                 name: scale * torch.randn(parameter.shape, generator=generator)
                 for name, parameter in finetune.trainable_parameters(pipe.unet, [], mode).items()
             },
             captions=captions,
+            embedding_widths=widths if len(widths) > 1 else (),
         )
 
     return make
@@ -183,15 +184,15 @@ def tiny_sdxl_dir(tmp_path_factory):
         CLIPTextModel(tiny_text_config(len(tokenizer), 16)),
         CLIPTextModelWithProjection(tiny_text_config(len(tokenizer), 32)),
     )
-    unet = UNet2DConditionModel(
+    unet = UNet2DConditionModel(  # ComfyUI's UNet holds it too (32 norm groups)
         sample_size=16,
-        block_out_channels=(16, 32),
+        block_out_channels=(32, 64),
         layers_per_block=1,
-        norm_num_groups=8,
+        norm_num_groups=32,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16 + 32,
-        attention_head_dim=(2, 4),
+        attention_head_dim=(4, 8),  # heads, as diffusers names them for SDXL: 8 channels each
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
         addition_embed_type="text_time",

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from customdiff import compress, concept, export, models
+from ldm_layout import ldm_state_dict
 
 UNET_PREFIX = "model.diffusion_model."  # the UNet's keys in an LDM checkpoint
 
@@ -50,51 +52,78 @@ def comfy():
     return comfy
 
 
-def comfy_unet(comfy, checkpoint: Path):
-    """ComfyUI's model of an SD 1.x checkpoint file, as its checkpoint loader builds it: the UNet's
-    configuration read from the weights. (Its loader would then match the configuration to a known model
-    by width, which a tiny one is not; SD 1.5's class is taken directly.)"""
-    state = comfy.utils.load_torch_file(str(checkpoint))
-    model_config = comfy.supported_models.SD15(comfy.model_detection.detect_unet_config(state, UNET_PREFIX))
+def comfy_unet(comfy, pipe, folder: Path):
+    """ComfyUI's model of ``pipe`` saved as a single-file checkpoint, as its checkpoint loader builds it: the
+    UNet's configuration read from the weights, SD 1.5's or SDXL's class for the rest. (The loader picks
+    the class by matching widths, which a tiny model does not; for SDXL, the tiny head width stands in for
+    SDXL's 64 channels a head.)"""
+    save_file(ldm_state_dict(pipe), folder / "model.safetensors")
+    state = comfy.utils.load_torch_file(str(folder / "model.safetensors"))
+    unet_config = comfy.model_detection.detect_unet_config(state, UNET_PREFIX)
+    if pipe.unet.config.addition_embed_type == "text_time":
+        model_config = comfy.supported_models.SDXL(unet_config)
+        heads = pipe.unet.config.attention_head_dim[-1]
+        model_config.unet_config["num_head_channels"] = pipe.unet.config.block_out_channels[-1] // heads
+    else:
+        model_config = comfy.supported_models.SD15(unet_config)
     model = model_config.get_model(state, UNET_PREFIX)
     model.load_model_weights(state, UNET_PREFIX)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-@pytest.mark.parametrize("kind", ["crossattn_kv", "crossattn", "compressed"])
-def test_comfyui_loads_our_lora_to_our_unet_outputs(
-    kind, comfy, tiny_pipeline_dir, tiny_checkpoint_file, make_concept, tmp_path
-):
-    pipe = models.load_pipeline(tiny_pipeline_dir)
+@torch.no_grad()
+def outputs(pipe, comfy_model=None) -> torch.Tensor:
+    """The UNet's noise prediction for fixed random inputs: ``pipe``'s, or ComfyUI's model's given the same.
+    SDXL's size conditioning goes to ComfyUI's UNet as the vector diffusers builds (ComfyUI embeds the sizes
+    256 wide, as real SDXL does; the tiny UNet, 8)."""
+    generator = torch.Generator().manual_seed(0)
+    side, width = pipe.unet.config.sample_size, pipe.unet.config.cross_attention_dim
+    latents, timesteps = torch.randn(2, 4, side, side, generator=generator), torch.tensor([10, 700])
+    context = torch.randn(2, models.MAX_TOKENS, width, generator=generator)
+    added, adm = None, None
+    if pipe.unet.config.addition_embed_type == "text_time":
+        pooled = torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=generator)
+        sizes = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
+        added = {"text_embeds": pooled, "time_ids": sizes}
+        adm = torch.cat([pooled, pipe.unet.add_time_proj(sizes.flatten()).reshape(2, -1)], dim=1)
+    if comfy_model is not None:
+        return comfy_model.model.diffusion_model(latents, timesteps=timesteps, context=context, y=adm)
+    return pipe.unet(latents, timesteps, context, added_cond_kwargs=added).sample
+
+
+@pytest.mark.parametrize(
+    "model, kind",
+    [
+        ("tiny_pipeline_dir", "crossattn_kv"),
+        ("tiny_pipeline_dir", "crossattn"),
+        ("tiny_pipeline_dir", "compressed"),
+        ("tiny_sdxl_dir", "crossattn"),
+        ("tiny_sdxl_dir", "compressed"),
+    ],
+)
+def test_comfyui_loads_our_lora_to_our_unet_outputs(model, kind, comfy, make_concept, tmp_path, request):
+    pipe = models.load_pipeline(request.getfixturevalue(model))
     ours = make_concept(pipe, mode=kind.replace("compressed", "crossattn_kv"))
     if kind == "compressed":
         ours = compress.compress_concept(ours, rank=2)  # lora_up / lora_down / alpha; the others: diff(_b)
     lora = next(p for p in export.write_webui(tmp_path, ours, ("mystar",)) if p.parent.name == "lora")
-    base = comfy_unet(comfy, tiny_checkpoint_file)
+    base = comfy_unet(comfy, pipe, tmp_path)
     patched, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(lora)), 1.0, 0.0)
     assert len(patched.patches) == len(ours.deltas)  # every tensor found a module
     patched.patch_model()
-
-    generator = torch.Generator().manual_seed(0)
-    latents, timesteps = torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([10, 700])
-    context = torch.randn(2, models.MAX_TOKENS, pipe.unet.config.cross_attention_dim, generator=generator)
     fine_tuned = copy.deepcopy(pipe)
     concept.apply_concept(fine_tuned, ours)
-    with torch.no_grad():
-        theirs = patched.model.diffusion_model(latents, timesteps=timesteps, context=context)
-        expected = fine_tuned.unet(latents, timesteps, context).sample
-        unpatched = pipe.unet(latents, timesteps, context).sample
-    torch.testing.assert_close(theirs, expected, rtol=1e-4, atol=1e-5)
-    assert (expected - unpatched).abs().max() > 1e-2  # the LoRA counts
+    expected = outputs(fine_tuned)
+    torch.testing.assert_close(outputs(pipe, patched), expected, rtol=1e-4, atol=1e-5)
+    assert (expected - outputs(pipe)).abs().max() > 1e-2  # the LoRA counts
 
 
-def test_comfyui_reads_our_embeddings_for_sd_and_sdxl(comfy, tiny_pipeline_dir, make_concept, tmp_path):
-    pipe = models.load_pipeline(tiny_pipeline_dir)
-    sd = make_concept(pipe)
-    sdxl = concept.Concept(
-        **{**sd.__dict__, "token_embeddings": torch.randn(1, 48), "embedding_widths": (16, 32), "deltas": {}}
-    )
+def test_comfyui_reads_our_embeddings_for_sd_and_sdxl(
+    comfy, tiny_pipeline_dir, tiny_sdxl_dir, make_concept, tmp_path
+):
+    sd = make_concept(models.load_pipeline(tiny_pipeline_dir))
+    sdxl = make_concept(models.load_pipeline(tiny_sdxl_dir))
     cases = [(sd, "clip_l", 0), (sdxl, "clip_l", 0), (sdxl, "clip_g", 1)]  # SDXL: a row per text encoder
     for index, (concept_, key, row) in enumerate(cases):
         export.write_webui(tmp_path / str(index), concept_, ("mystar",))

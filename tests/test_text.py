@@ -111,23 +111,10 @@ def test_sdxl_exports_load_in_diffusers_to_our_outputs(sdxl_trained, tiny_sdxl_d
     )
 
 
-def test_sdxl_concepts_merge_with_their_constraints_met(sdxl_trained, tiny_sdxl_dir):
+def test_sdxl_concepts_merge_with_their_constraints_met(sdxl_trained, make_concept):
     base, _, out = sdxl_trained
     first = concept.load_concept(out)
-    generator = torch.Generator().manual_seed(0)
-    second = concept.Concept(
-        base_hash=first.base_hash,
-        mode="crossattn_kv",
-        tokens=("<new2>",),
-        class_words=("ring",),
-        initializers=("sks",),
-        token_embeddings=torch.randn(1, 48, generator=generator),
-        deltas={
-            name: 0.1 * torch.randn(delta.shape, generator=generator) for name, delta in first.deltas.items()
-        },
-        captions=("a <new2> ring on a sand background",),
-        embedding_widths=(16, 32),
-    )
+    second = make_concept(base, "<new2>", scale=0.1, captions=("a <new2> ring on a sand background",))
     merged, report = merge.merge_concepts(
         base, [first, second], merge.regularization_captions(base.tokenizer, 200)
     )
