@@ -69,7 +69,8 @@ def test_apply_concept_reproduces_the_fine_tuned_model(mode, trained, tiny_pipel
     base_output = unet_output(pipe, "a <new1> star on a gray background")
     applied = concept.apply_concept(pipe, out / concept.CONCEPT_FILE)
     assert applied.concept.tokens == ("<new1>",) and len(pipe.tokenizer) == len(tuned.tokenizer)
-    torch.testing.assert_close(unet_output(pipe, PROMPT), unet_output(tuned, PROMPT), rtol=1e-5, atol=1e-6)
+    # up to float rounding: the concept holds tuned − base, applied as base + (tuned − base)
+    torch.testing.assert_close(unet_output(pipe, PROMPT), unet_output(tuned, PROMPT), rtol=1e-4, atol=1e-5)
     assert (unet_output(pipe, PROMPT) - base_output).abs().max() > 1e-3  # the concept changes the output
     torch.testing.assert_close(
         unet_output(pipe, "a red star on a gray background"),
