@@ -114,7 +114,7 @@ def test_a_checkpoint_file_loads_as_its_diffusers_folder(tiny_pipeline_dir, tiny
 def test_sd2_and_sdxl_checkpoint_files_load_as_their_folders(model, open_clip, request, tmp_path):
     """An SD 2.x file keeps its text encoder in OpenCLIP naming; an SDXL file (SGM naming) holds two text
     encoders and is told apart by its second one's keys."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from ldm_layout import ldm_state_dict
 
@@ -126,6 +126,9 @@ def test_sd2_and_sdxl_checkpoint_files_load_as_their_folders(model, open_clip, r
     assert type(single) is type(pipe) is models.checkpoint_pipeline_class(path, None)
     assert_same_weights(single, pipe)
     assert models.model_hash(single) == models.model_hash(pipe)
+    pickled = tmp_path / "model.ckpt"  # told apart too, its tensors memory-mapped, not read
+    torch.save({"state_dict": load_file(path), "global_step": 1}, pickled)
+    assert models.checkpoint_pipeline_class(pickled, None) is type(pipe)
 
 
 def test_load_pipeline_names_a_bad_checkpoint_file(tiny_pipeline_dir, tmp_path):

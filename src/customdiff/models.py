@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -190,17 +191,28 @@ def pipeline_class(model_index: Path) -> type:
     return PIPELINE_CLASSES[name]
 
 
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a checkpoint file, read without its tensors' data: a ``.safetensors`` header, or
+    a ``.ckpt`` memory-mapped as weights only (its ``state_dict`` when it nests one). Empty when the file
+    cannot be read so (diffusers then names what is wrong with it)."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as handle:
+                return list(handle.keys())
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError):
+        return []
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return [key for key in state if isinstance(key, str)] if isinstance(state, dict) else []
+
+
 def checkpoint_pipeline_class(path: Path, model_config: str | Path | None) -> type:
     """SD or SDXL for a checkpoint file: as its --model-config folder says, else by the file's keys."""
     if model_config is not None and (Path(model_config) / "model_index.json").is_file():
         return pipeline_class(Path(model_config) / "model_index.json")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(path, framework="pt") as handle:
-                if any(key.startswith(SDXL_FILE_KEY) for key in handle.keys()):
-                    return StableDiffusionXLPipeline
-        except (SafetensorError, OSError):
-            pass  # diffusers names what is wrong with the file
+    if any(key.startswith(SDXL_FILE_KEY) for key in checkpoint_keys(path)):
+        return StableDiffusionXLPipeline
     return StableDiffusionPipeline
 
 
