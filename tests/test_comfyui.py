@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from customdiff import compress, concept, export, models
+from customdiff import compress, concept, export, models, text
 from ldm_layout import ldm_state_dict
 
 UNET_PREFIX = "model.diffusion_model."  # the UNet's keys in an LDM checkpoint
@@ -84,9 +84,9 @@ def outputs(pipe, comfy_model=None) -> torch.Tensor:
     added, adm = None, None
     if pipe.unet.config.addition_embed_type == "text_time":
         pooled = torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=generator)
-        sizes = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)
-        added = {"text_embeds": pooled, "time_ids": sizes}
-        adm = torch.cat([pooled, pipe.unet.add_time_proj(sizes.flatten()).reshape(2, -1)], dim=1)
+        added = text.added_conditions(pipe.unet.config, pooled, 32)
+        sizes = pipe.unet.add_time_proj(added["time_ids"].flatten()).reshape(2, -1)
+        adm = torch.cat([pooled, sizes], dim=1)
     if comfy_model is not None:
         return comfy_model.model.diffusion_model(latents, timesteps=timesteps, context=context, y=adm)
     return pipe.unet(latents, timesteps, context, added_cond_kwargs=added).sample

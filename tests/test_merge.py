@@ -75,10 +75,7 @@ def key_outputs(pipe, concept_: concept.Concept, caption: str) -> dict[str, torc
 
 def test_merged_concept_keeps_each_concepts_outputs_on_its_captions(tiny_pipeline_dir, random_concept):
     pipe = models.load_pipeline(tiny_pipeline_dir)
-    first, second = (
-        random_concept(pipe, "<new1>", 1),
-        random_concept(pipe, "<new2>", 2),
-    )
+    first, second = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
     captions = merge.regularization_captions(pipe.tokenizer, 200)
     merged, report = merge.merge_concepts(pipe, [first, second], captions)
     assert merged.tokens == ("<new1>", "<new2>") and merged.base_hash == first.base_hash
