@@ -1,5 +1,6 @@
 """Concept data: captions, the paper's resize augmentation with its mask and prefixes, and the caches."""
 
+import collections
 import dataclasses
 import shutil
 
@@ -113,6 +114,23 @@ def test_random_view_of_a_toy_caption_names_the_size_in_the_grammar():
             assert view.caption == "a <new1> star on a sand background"
     two = "a <new1> star and a red circle on a sand background"  # two-object captions name no size
     assert data.resized_caption(two, data.FAR_PREFIXES[0]) == two
+
+
+def test_full_size_views_of_a_sized_toy_caption_drop_the_size_half_the_time():
+    """Else the only size-less captions with the token are two-object views, and a size-less prompt draws
+    two objects."""
+    rng = np.random.default_rng(0)
+    example = white_example("a small <new1> cross on a gray background")
+    captions = collections.Counter(
+        data.random_view(example, FACTOR, rng, augment=False).caption for _ in range(200)
+    )
+    assert set(captions) == {
+        "a small <new1> cross on a gray background",
+        "a <new1> cross on a gray background",
+    }
+    assert 70 < captions["a <new1> cross on a gray background"] < 130
+    for caption in ("a <new1> cross on a gray background", "photo of a <new1> cross"):  # nothing to drop
+        assert data.random_view(white_example(caption), FACTOR, rng, augment=False).caption == caption
 
 
 def test_random_view_flips_half_the_time_and_keeps_the_image_without_augmentation():

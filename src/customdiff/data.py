@@ -33,6 +33,7 @@ CAPTION_TEMPLATE = "photo of a {token} {class_word}"  # the paper's prompt for u
 FAR_PREFIXES = ("a far away", "very small")  # zoomed out below 0.6 × resolution
 NEAR_PREFIXES = ("zoomed in", "close up")  # zoomed in beyond the resolution
 VIEWS_PER_IMAGE = 32  # augmented views encoded per target image
+SIZELESS_SHARE = 0.5  # views of a one-object toy caption with a size word that drop it
 REG_SAMPLING_STEPS = 50
 ENCODE_BATCH = 16
 
@@ -130,7 +131,8 @@ def random_view(
     pasted at a random place on a blank (zero) canvas and the mask covers the pasted box shrunk by one
     latent pixel on each side; below 0.6 R the caption gets "a far away" or "very small" in front. Larger
     than R, a random R² crop is kept with "zoomed in" or "close up" (toy captions: ``resized_caption``).
-    At exactly R (and with ``augment`` off) the whole image counts. ``flip`` mirrors half the views.
+    At exactly R (and with ``augment`` off) the whole image counts and a toy caption's size word is
+    dropped in half the views (``sometimes_sizeless``). ``flip`` mirrors half the views.
     """
     size = example.image.width
     image = ImageOps.mirror(example.image) if flip and rng.random() < 0.5 else example.image
@@ -155,6 +157,8 @@ def random_view(
         last_row, last_column = (top + scale) // scale_factor - 1, (left + scale) // scale_factor - 1
         mask[first_row:last_row, first_column:last_column] = 1
         caption = resized_caption(caption, rng.choice(FAR_PREFIXES) if scale < 0.6 * size else None)
+    else:
+        caption = sometimes_sizeless(caption, rng)
     return View(pixels.contiguous(), mask, caption)
 
 
@@ -240,6 +244,21 @@ def partners_by_background(
         if caption and len(caption.things) == 1 and (cutout := object_cutout(image)):
             partners.setdefault(caption.background, []).append((cutout, caption.things[0]))
     return partners
+
+
+def sometimes_sizeless(caption: str, rng: np.random.Generator) -> str:
+    """A one-object toy caption that names a size, without it in ``SIZELESS_SHARE`` of the views.
+
+    The spec's concept prompts often name no size (``a <new1> star on a black background``). Were the
+    two-object views (size-less by the grammar) the only size-less captions with the token, such a prompt
+    would draw two objects, as a concept captioned with sizes did in 16 of 16 samples (README).
+    """
+    parsed = toyworld.caption_or_none(caption)
+    if parsed is None or len(parsed.things) != 1 or parsed.things[0].size is None:
+        return caption
+    if rng.random() >= SIZELESS_SHARE:
+        return caption
+    return str(dataclasses.replace(parsed, things=(dataclasses.replace(parsed.things[0], size=None),)))
 
 
 def resized_caption(caption: str, prefix: str | None) -> str:
