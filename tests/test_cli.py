@@ -299,6 +299,19 @@ def test_console_script(tmp_path):
         entry["file_name"] for entry in entries
     ]
 
+    (tmp_path / "out" / "notes.md").write_text("not an image")  # skipped, with a warning
+    judged = subprocess.run(
+        [script, "judge", tmp_path / "out" / "00000.png", "--concept", f"<new1>={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert judged.returncode == 0, judged.stderr
+    warning = [line for line in judged.stderr.splitlines() if "notes.md" in line]
+    assert warning == [
+        f"customdiff: warning: {tmp_path / 'out'}: skipped files that are not images: notes.md"
+    ]
+    assert "warnings.warn" not in judged.stderr
+
 
 def test_train_and_generate_take_a_checkpoint_file(
     run_cli, tiny_pipeline_dir, tiny_checkpoint_file, tmp_path

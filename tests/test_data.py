@@ -51,9 +51,19 @@ def test_uncaptioned_toy_images_are_captioned_in_the_grammar_as_the_judge_reads_
         assert read.background == drawn.background and read.things[0].size in toyworld.SIZES
         assert dataclasses.replace(read.things[0], size=None) == drawn.things[0]  # <new1> star
     assert data.load_examples(bare, SIZE, TOKEN, "star")[0].caption == "photo of a <new1> star"
-    assert (
-        data.load_examples(bare, SIZE, TOKEN, "cat", toy_grammar=True)[0].caption == "photo of a <new1> cat"
-    )
+    with pytest.warns(UserWarning, match="not read as one cat"):
+        cat = data.load_examples(bare, SIZE, TOKEN, "cat", toy_grammar=True)
+    assert cat[0].caption == "photo of a <new1> cat"
+    Image.fromarray(
+        toyworld.render(
+            toyworld.parse_caption(f"a {TOKEN} star and a red circle on a gray background"),
+            np.random.default_rng(0),
+            {TOKEN: toyworld.get_concept("starfish")},
+        )
+    ).save(bare / "9.png")
+    with pytest.warns(UserWarning, match=r"9\.png: not read as one star .* metadata\.jsonl"):
+        two = data.load_examples(bare, SIZE, TOKEN, "star", toy_grammar=True)
+    assert two[-1].caption == "photo of a <new1> star"
 
 
 def test_load_examples_rejects_an_empty_folder_and_captions_without_the_token(concept_dir, tmp_path):

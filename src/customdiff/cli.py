@@ -7,6 +7,7 @@ bug and keeps its traceback.
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,10 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = Path(__file__).parent
+python_warning_format = warnings.formatwarning
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """customdiff's own warnings as one line, as its errors are (not Python's two, with a source line)."""
+    if Path(filename).is_relative_to(PACKAGE_DIR):
+        return f"customdiff: warning: {' '.join(str(message).splitlines())}\n"
+    return python_warning_format(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, 2 for a problem the user can fix, 130 on Ctrl-C)."""
     # transformers warns on import that torchvision is missing, which customdiff never needs
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.formatwarning = one_line_warning
     try:
         args = build_parser().parse_args(argv)
         config_class, handler = args.command

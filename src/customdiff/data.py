@@ -110,6 +110,12 @@ def load_examples(
         image = fit(image, size)
         if not caption and toy_grammar:
             caption = toyjudge.concept_caption(image, token, class_word)
+            if caption is None:
+                warnings.warn(
+                    f"{path}: not read as one {class_word} of the toy world, so it is captioned by the "
+                    f"template; write its caption in {files.METADATA_FILE_NAME} to fix it",
+                    stacklevel=2,
+                )
         caption = caption or CAPTION_TEMPLATE.format(token=token, class_word=class_word)
         if token not in caption.split():
             raise CustomDiffError(
