@@ -259,12 +259,8 @@ def sometimes_sizeless(caption: str, rng: np.random.Generator) -> str:
     two-object views (size-less by the grammar) the only size-less captions with the token, such a prompt
     would draw two objects, as a concept captioned with sizes did in 16 of 16 samples (README).
     """
-    parsed = toyworld.caption_or_none(caption)
-    if parsed is None or len(parsed.things) != 1 or parsed.things[0].size is None:
-        return caption
-    if rng.random() >= SIZELESS_SHARE:
-        return caption
-    return str(dataclasses.replace(parsed, things=(dataclasses.replace(parsed.things[0], size=None),)))
+    sizeless = resized_caption(caption, None)  # the caption itself when it names no size to drop
+    return sizeless if sizeless != caption and rng.random() < SIZELESS_SHARE else caption
 
 
 def resized_caption(caption: str, prefix: str | None) -> str:
