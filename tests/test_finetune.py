@@ -96,6 +96,20 @@ def test_add_modifier_tokens_starts_each_row_from_its_initializer_and_rejects_ba
     assert len(tokenizer("a <new1> <new2> star", add_special_tokens=False).input_ids) == 4
 
 
+def test_token_lr_sets_the_token_rows_apart_from_the_weights(tiny_pipeline_dir, concept_dir, tmp_path):
+    moved = {}
+    for token_lr in (1e-9, 1e-1):
+        pipe = models.load_pipeline(tiny_pipeline_dir)
+        start = pipe.text_encoder.get_input_embeddings().weight[word_id(pipe.tokenizer, "ktn")].clone()
+        config = config_for(concept_dir, tmp_path / str(token_lr), token_lr=token_lr)
+        trained = concept.load_concept(finetune.train(config, pipe))
+        moved[token_lr] = (trained.token_embeddings[0] - start).abs().max().item()
+        assert all(delta.abs().max() > 1e-4 for delta in trained.deltas.values())  # K/V train at --lr
+    assert moved[1e-9] < 1e-6 < 1e-2 < moved[1e-1]
+    with pytest.raises(CustomDiffError, match="--token-lr"):
+        FinetuneConfig(concept_dir, "star", token_lr=0)
+
+
 def test_every_new_token_row_trains_and_no_other_row_moves(tiny_pipeline_dir, concept_dir):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder

@@ -293,7 +293,7 @@ class FinetuneConfig:
     """Teach the base model concepts from a few images each (Custom Diffusion; several train jointly)."""
 
     command: ClassVar[str] = "train"
-    model_settable: ClassVar[tuple[str, ...]] = ("steps", "lr", "augment", "composed_views")
+    model_settable: ClassVar[tuple[str, ...]] = ("steps", "lr", "token_lr", "augment", "composed_views")
 
     images: Path | None = option(
         None, "folder of the concept's images (captions from metadata.jsonl or .txt)", metavar="DIR"
@@ -337,7 +337,14 @@ class FinetuneConfig:
         "learning rate per image with --scale-lr (default: the model's for the mode, else the paper's 1e-5; "
         "for token, the Textual Inversion baseline's 5e-4, as a row this small needs)",
     )
-    scale_lr: bool = option(True, "multiply --lr by the batch size × processes, as the paper does")
+    token_lr: float | None = option(
+        None,
+        "learning rate per image of the modifier tokens' embedding rows (default: the model's for the mode, "
+        "else --lr, as the paper trains them)",
+    )
+    scale_lr: bool = option(
+        True, "multiply --lr and --token-lr by the batch size × processes, as the paper does"
+    )
     batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
     augment: bool | None = option(
         None,
@@ -366,6 +373,7 @@ class FinetuneConfig:
         if self.reg == "none" and self.composed_views is None:  # the model's share needs partners
             object.__setattr__(self, "composed_views", 0.0)
         fill_from_model(self, {"steps": 400, "lr": default_lr, "augment": True, "composed_views": 0.0})
+        fill_from_model(self, {"token_lr": self.lr})
         given = [self.images is not None or self.class_word is not None, bool(self.concept)]
         given.append(self.concepts_list is not None)
         if sum(given) != 1 or (given[0] and (self.images is None or self.class_word is None)):
@@ -382,8 +390,11 @@ class FinetuneConfig:
         for name in ("steps", "num_reg", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise CustomDiffError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
-        if self.lr <= 0:
-            raise CustomDiffError(f"--lr {self.lr}: pass a positive learning rate")
+        for name in ("lr", "token_lr"):
+            if getattr(self, name) <= 0:
+                raise CustomDiffError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)}: pass a positive learning rate"
+                )
         if not 0 <= self.composed_views <= 1:
             raise CustomDiffError(f"--composed-views {self.composed_views}: pass a share from 0 to 1")
         if self.composed_views and self.reg == "none":

@@ -424,8 +424,12 @@ def train(
         base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
         for parameter in parameters.values():
             parameter.requires_grad_(True)
-        lr = config.lr * (config.batch_size * accelerator.num_processes if config.scale_lr else 1)
-        optimizer = torch.optim.AdamW(parameters.values(), lr=lr)
+        scale = config.batch_size * accelerator.num_processes if config.scale_lr else 1
+        groups = [
+            {"params": [p for name, p in parameters.items() if _is_token_row(name) == rows], "lr": lr * scale}
+            for rows, lr in ((False, config.lr), (True, config.token_lr))
+        ]
+        optimizer = torch.optim.AdamW([group for group in groups if group["params"]])
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
         (unet_step, *models_step), optimizer = prepare_modules(
             accelerator, [unet, *encoder_models], optimizer
