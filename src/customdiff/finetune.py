@@ -425,9 +425,12 @@ def train(
         for parameter in parameters.values():
             parameter.requires_grad_(True)
         scale = config.batch_size * accelerator.num_processes if config.scale_lr else 1
-        groups = [
-            {"params": [p for name, p in parameters.items() if _is_token_row(name) == rows], "lr": lr * scale}
-            for rows, lr in ((False, config.lr), (True, config.token_lr))
+        groups = [  # the K/V (or UNet) weights at --lr, the token rows at --token-lr
+            {
+                "params": [p for name, p in parameters.items() if _is_token_row(name) == token],
+                "lr": lr * scale,
+            }
+            for token, lr in ((False, config.lr), (True, config.token_lr))
         ]
         optimizer = torch.optim.AdamW([group for group in groups if group["params"]])
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
