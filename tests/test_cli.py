@@ -267,7 +267,7 @@ def test_a_model_folder_sets_its_own_defaults_and_flags_win(tmp_path):
 @pytest.mark.parametrize(
     "table, part",
     [
-        ("[train]\nnum_reg = 5\n", "may set only steps, lr, augment"),
+        ("[train]\nnum_reg = 5\n", "may set only steps, lr, token_lr, augment"),
         ("[train]\nsteps = 'many'\n", "key \"steps\" is 'many'; expected int"),
         ("[train.lr]\nwide = 1e-4\n", "names no mode ['wide']"),
         ("[train\n", "is not valid TOML"),

@@ -75,8 +75,8 @@ def test_apply_concept_reproduces_the_fine_tuned_model(mode, trained, tiny_pipel
     torch.testing.assert_close(
         unet_output(pipe, "a red star on a gray background"),
         unet_output(tuned, "a red star on a gray background"),
-        rtol=1e-5,
-        atol=1e-6,
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
