@@ -345,7 +345,11 @@ class FinetuneConfig:
     scale_lr: bool = option(
         True, "multiply --lr and --token-lr by the batch size × processes, as the paper does"
     )
-    batch_size: int = option(4, "images per step: half target, half regularization when --reg is on")
+    batch_size: int = option(
+        4,
+        "images per step and concept (a joint run of N concepts takes N× as many): half target, half "
+        "regularization when --reg is on",
+    )
     augment: bool | None = option(
         None,
         "the paper's resize augmentation with loss mask and size prefixes (default: the model's, else on)",

@@ -236,13 +236,14 @@ def sample_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Latents (B, C, h, w), masks (B, 1, h, w), captions: target views, then regularization images.
 
-    With regularization, half the batch is target views and half images of the same concepts' classes.
-    Concepts take turns in a random order, so that a joint run sees each as often (§3.2, joint training).
+    Every concept gets ``batch_size`` images, with regularization half target views and half images of its
+    own class, so a joint run gives each concept the step it would get alone (§3.2, joint training): one
+    shared batch, each concept holding a share of it, drew the concepts in new contexts in 33.9% of
+    samples against 58.9% (README).
     """
     n_reg = batch_size // 2 if regs[0] is not None else 0
-    order = torch.randperm(len(targets), generator=generator)
-    which = order[torch.arange(batch_size - n_reg) % len(targets)].tolist()
-    pools = [targets[c] for c in which] + [regs[c] for c in which[:n_reg]]
+    pools = [pool for pool in targets for _ in range(batch_size - n_reg)]
+    pools += [pool for pool in regs for _ in range(n_reg)]
     drawn = [pool.take(torch.randint(len(pool), (1,), generator=generator)) for pool in pools]
     latents, masks = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
     return latents, masks, [caption for d in drawn for caption in d[2]]
