@@ -376,8 +376,10 @@ class FinetuneConfig:
         default_lr = DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"])
         if self.reg == "none" and self.composed_views is None:  # the model's share needs partners
             object.__setattr__(self, "composed_views", 0.0)
-        fill_from_model(self, {"steps": 400, "lr": default_lr, "augment": True, "composed_views": 0.0})
-        fill_from_model(self, {"token_lr": self.lr})
+        fallbacks = {"steps": 400, "lr": default_lr, "token_lr": None, "augment": True, "composed_views": 0.0}
+        fill_from_model(self, fallbacks)
+        if self.token_lr is None:  # the paper trains the rows at the weights' learning rate
+            object.__setattr__(self, "token_lr", self.lr)
         given = [self.images is not None or self.class_word is not None, bool(self.concept)]
         given.append(self.concepts_list is not None)
         if sum(given) != 1 or (given[0] and (self.images is None or self.class_word is None)):
