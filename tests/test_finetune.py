@@ -3,10 +3,12 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from PIL import Image
 
 from customdiff import concept, data, files, finetune, models, text, toyworld
 from customdiff.config import FinetuneConfig
@@ -339,3 +341,28 @@ def test_joint_two_object_views_set_the_concepts_beside_each_other(concept_dir, 
     _, targets, _ = finetune.prepare_data(config, models.load_pipeline())  # the toy model: 64² scenes
     for pool, other in zip(targets, ("<new2> ring", "<new1> star"), strict=True):
         assert any(other in caption and " and a " in caption for caption in pool.captions)
+
+
+def test_preview_prompts_are_checked_first_and_drawn_labelled(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
+    drawn = []
+    real_sample = finetune.generate.sample
+
+    def spy(pipe, prompts, **kwargs):
+        drawn.append(prompts)
+        return real_sample(pipe, prompts, **kwargs)
+
+    monkeypatch.setattr(finetune.generate, "sample", spy)
+    prompts = ("a <new1> star on a sky background", "a red star on a gray background")
+    finetune.train(
+        config_for(concept_dir, tmp_path / "run", steps=1, preview_every=1, preview_prompts=prompts),
+        models.load_pipeline(tiny_pipeline_dir),
+    )
+    assert drawn == [list(prompts)]
+    grid = Image.open(tmp_path / "run" / "previews" / "step-000001.png")
+    tile = np.zeros((32, 32, 3), np.uint8)  # the tiny model's images
+    labels = [prompt for prompt in prompts for _ in range(2)]
+    assert grid.size == files.image_grid([tile] * 4, columns=2, labels=labels).size  # one labelled row each
+    with pytest.raises(CustomDiffError, match="--preview-every"):
+        config_for(concept_dir, tmp_path, preview_prompts=prompts)

@@ -364,6 +364,12 @@ class FinetuneConfig:
     seed: int = option(0, "random seed: the same seed gives the same concept")
     checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
     preview_every: int = option(0, "steps between preview grids in OUT/previews (0: none)")
+    preview_prompts: tuple[str, ...] = option(
+        (),
+        "prompts of the preview grids, two samples each (default: three training captions and a class "
+        "prompt)",
+        metavar="PROMPT",
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "mixed precision (fp16 or bf16 on GPU)")
     gradient_checkpointing: bool = option(
         False, "recompute UNet activations in the backward pass to save memory"
@@ -407,6 +413,8 @@ class FinetuneConfig:
             raise CustomDiffError(
                 "--composed-views pairs targets with regularization images: drop --reg none"
             )
+        if self.preview_prompts and not self.preview_every:
+            raise CustomDiffError("--preview-prompts are drawn every --preview-every N steps: pass N")
         if self.reg == "retrieve" and self.reg_dir is None:
             raise CustomDiffError("--reg retrieve needs --reg-dir, a captioned image folder to retrieve from")
         if self.reg != "none" and self.batch_size % 2:

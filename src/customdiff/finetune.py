@@ -37,7 +37,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_EVERY = 10
 # what a resumed run may change: how long, how often it saves, where it writes, and where a checkpoint
 # file's configs come from (the weights stay those of --model)
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "out", "model_config")
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "preview_prompts", "out", "model_config")
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -305,11 +305,10 @@ def append_log(path: Path, step: int, losses: list[float], seconds: float) -> No
 
 
 def write_preview(step: int, pipe, prompts: list[str], folder: Path, seed: int) -> None:
-    """Two samples of each prompt in one grid (one row per prompt), as ``folder/step-NNNNNN.png``."""
+    """Two samples of each prompt in one grid, a labelled row per prompt, as ``folder/step-NNNNNN.png``."""
     images = generate.sample(pipe, prompts, n=2, steps=25, seed=seed, progress=False)
-    files.save_png(
-        files.prepare_output_dir(folder) / f"step-{step:06d}.png", files.image_grid(images, columns=2)
-    )
+    grid = files.image_grid(images, columns=2, labels=[prompt for prompt in prompts for _ in range(2)])
+    files.save_png(files.prepare_output_dir(folder) / f"step-{step:06d}.png", grid)
 
 
 def prepare_data(
@@ -403,7 +402,7 @@ def train(
     tokens = [spec.token for spec in specs]
     with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
         captions, targets, regs = prepare_data(config, pipe)
-    prompts = preview_prompts(captions, tokens)
+    prompts = list(config.preview_prompts) or preview_prompts(captions, tokens)
     preview = preview or partial(write_preview, prompts=prompts, folder=out / "previews", seed=config.seed)
     unet, encoders = pipe.unet, text.text_encoders(pipe)
     encoder_models = [encoder.model for encoder in encoders]
@@ -412,6 +411,8 @@ def train(
     ]
     for encoder in encoders:
         add_modifier_tokens(encoder.tokenizer, encoder.model, tokens, initializers)
+    for prompt in config.preview_prompts:  # a misspelt one fails now, not at the first preview
+        models.check_prompt(pipe.tokenizer, prompt)
     for module in [pipe.vae, unet, *encoder_models]:
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
