@@ -354,14 +354,19 @@ def test_preview_prompts_are_checked_first_and_drawn_labelled(
         return real_sample(pipe, prompts, **kwargs)
 
     monkeypatch.setattr(finetune.generate, "sample", spy)
+    misspelt = config_for(concept_dir, tmp_path / "bad", preview_every=1, preview_prompts=("a <new1> stra",))
+    with pytest.raises(CustomDiffError, match='does not know the word "stra" in "a <new1> stra"'):
+        finetune.train(misspelt, models.load_pipeline(tiny_pipeline_dir))
+    assert not drawn and not (tmp_path / "bad" / "concept.safetensors").exists()  # refused before training
     prompts = ("a <new1> star on a sky background", "a red star on a gray background")
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    side = data.resolution(pipe)
     finetune.train(
-        config_for(concept_dir, tmp_path / "run", steps=1, preview_every=1, preview_prompts=prompts),
-        models.load_pipeline(tiny_pipeline_dir),
+        config_for(concept_dir, tmp_path / "run", steps=1, preview_every=1, preview_prompts=prompts), pipe
     )
     assert drawn == [list(prompts)]
     grid = Image.open(tmp_path / "run" / "previews" / "step-000001.png")
-    tile = np.zeros((32, 32, 3), np.uint8)  # the tiny model's images
+    tile = np.zeros((side, side, 3), np.uint8)
     labels = [prompt for prompt in prompts for _ in range(2)]
     assert grid.size == files.image_grid([tile] * 4, columns=2, labels=labels).size  # one labelled row each
     with pytest.raises(CustomDiffError, match="--preview-every"):

@@ -400,6 +400,8 @@ def train(
     base_hash = models.model_hash(pipe)
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
+    for prompt in config.preview_prompts:  # a misspelt one fails before the long set-up, not at a preview
+        models.check_prompt(pipe.tokenizer, prompt, tokens)
     with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
         captions, targets, regs = prepare_data(config, pipe)
     prompts = list(config.preview_prompts) or preview_prompts(captions, tokens)
@@ -411,8 +413,6 @@ def train(
     ]
     for encoder in encoders:
         add_modifier_tokens(encoder.tokenizer, encoder.model, tokens, initializers)
-    for prompt in config.preview_prompts:  # a misspelt one fails now, not at the first preview
-        models.check_prompt(pipe.tokenizer, prompt)
     for module in [pipe.vae, unet, *encoder_models]:
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

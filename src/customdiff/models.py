@@ -12,6 +12,7 @@ import hashlib
 import json
 import pickle
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -345,17 +346,18 @@ def default_initializer(tokenizer, token: str) -> str:
     return usable[(number - 1) % len(usable)]
 
 
-def check_prompt(tokenizer: CLIPTokenizer, prompt: str) -> None:
-    """Reject a prompt word the tokenizer cannot spell (an unknown piece, or a closed vocabulary lacking it).
+def check_prompt(tokenizer: CLIPTokenizer, prompt: str, new_tokens: Iterable[str] = ()) -> None:
+    """Reject a prompt word the tokenizer cannot spell (an unknown piece, or a closed vocabulary lacking it);
+    ``new_tokens`` count as known, as they will be once training adds them.
 
     A real CLIP tokenizer spells any word from bytes; the toy one knows only its own words, so a word it
     splits into pieces would reach the model as noise.
     """
     spells_bytes = spells_any_word(tokenizer)
-    added = set(tokenizer.get_added_vocab())
-    for word in prompt.replace(",", " , ").split():
+    added = set(tokenizer.get_added_vocab()) | set(new_tokens)
+    for word in [word for word in prompt.replace(",", " , ").split() if word not in added]:
         pieces = tokenizer(word, add_special_tokens=False).input_ids
-        if tokenizer.unk_token_id in pieces or (not spells_bytes and len(pieces) != 1 and word not in added):
+        if tokenizer.unk_token_id in pieces or (not spells_bytes and len(pieces) != 1):
             hint = f"words it knows: {', '.join(toy_words())}" if not spells_bytes else "check its spelling"
             raise CustomDiffError(f'the tokenizer does not know the word "{word}" in "{prompt}"; {hint}')
 
