@@ -103,6 +103,15 @@ def test_bad_prompt_word_is_named(run_cli, tmp_path):
     assert_one_line_error(code, err, '"dog"', "circle, square, triangle, star, ring, cross")
 
 
+def test_a_refused_command_leaves_no_new_empty_output_folder(run_cli, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for out in (tmp_path / "new", mine):
+        code, _, err = run_cli("generate", "a red stra on a gray background", "--steps", "1", "-o", out)
+        assert_one_line_error(code, err, '"stra"')
+    assert not (tmp_path / "new").exists() and mine.is_dir()  # the user's own folder stays
+
+
 def test_unknown_concept_is_named(run_cli, tmp_path):
     code, _, err = run_cli("toyworld", "concept", "seastar", tmp_path)
     assert_one_line_error(code, err, '"seastar"', "starfish, donut, tile, beachball, kite")

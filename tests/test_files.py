@@ -113,5 +113,14 @@ def test_rgba_and_grayscale_become_rgb(tmp_path):
 def test_image_grid_size():
     images = [np.zeros((10, 12, 3), np.uint8)] * 5
     assert files.image_grid(images, columns=2).size == (2 * 12 + 2, 3 * 10 + 2 * 2)
-    labelled = files.image_grid(images, columns=5, labels=["a red circle"] * 5)
-    assert labelled.width == 5 * 12 + 4 * 2 and labelled.height > 10
+    labelled = files.image_grid(images, columns=5, labels=["a b"] * 5)
+    assert labelled.width == 5 * 12 + 4 * 2 and labelled.height > 3 * 10
+
+
+def test_a_label_word_wider_than_its_tile_widens_the_cells():
+    tiles = [np.zeros((64, 64, 3), np.uint8)] * 2
+    grid = np.asarray(files.image_grid(tiles, columns=2, labels=["a star on a sand background"] * 2))
+    first_cell = grid.shape[1] // 2  # two equal cells and their gap
+    assert grid.shape[1] > 2 * 64 + 2
+    label_rows = grid[66:]
+    assert (label_rows[:, first_cell - 3 : first_cell] > 128).all()  # the first label ends before the second

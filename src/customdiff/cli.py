@@ -217,12 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns on import that torchvision is missing, which customdiff never needs
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.formatwarning = one_line_warning
+    new_out = None
     try:
         args = build_parser().parse_args(argv)
         config_class, handler = args.command
-        handler(config_from_args(config_class, args))
+        config = config_from_args(config_class, args)
+        out = getattr(config, "out", None)
+        new_out = Path(out) if out is not None and not Path(out).exists() else None
+        handler(config)
     except CustomDiffError as error:
         print(f"customdiff: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        if new_out is not None and new_out.is_dir() and not any(new_out.iterdir()):
+            new_out.rmdir()  # a refused command leaves no empty output folder behind
         return 2
     except KeyboardInterrupt:
         return 130

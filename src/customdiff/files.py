@@ -3,6 +3,7 @@ file_name, text) and atomic writes, so that an interrupted run never leaves a ha
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -204,7 +205,8 @@ def image_grid(
 ) -> Image.Image:
     """Tile equal-sized images into a grid, row by row, each with an optional label beneath.
 
-    Labels wrap to the tile's width; every label gets the height of the longest one.
+    Labels wrap to the tile's width; every label gets the height of the longest one, and a single word
+    wider than a tile widens the cells instead of running under the next tile.
     """
     tiles = [as_pil(image).convert("RGB") for image in images]
     width, height = tiles[0].size
@@ -214,7 +216,9 @@ def image_grid(
     wrapped = [_wrap(label, font, width - 4) for label in labels] if labels else [[] for _ in tiles]
     line_height, gap = 15, 2
     lines = max(map(len, wrapped))
-    cell_width, cell_height = width + gap, height + (lines * line_height + 4 if lines else 0) + gap
+    widest = max((font.getlength(line) for label in wrapped for line in label), default=0)
+    cell_width = max(width, math.ceil(widest) + 4) + gap  # a word wider than a tile widens every cell
+    cell_height = height + (lines * line_height + 4 if lines else 0) + gap
     rows = -(-len(tiles) // columns)
     grid = Image.new("RGB", (columns * cell_width - gap, rows * cell_height - gap), "white")
     draw = ImageDraw.Draw(grid)
