@@ -1,9 +1,9 @@
-"""Closed-form merge (§3.2): the constraints hold, the objective is minimal, any width, CLI and errors."""
+"""Closed-form merges (§3.2): constraints met, objective minimal, the weighted fit, CLI and errors."""
 
 import pytest
 import torch
 
-from customdiff import concept, merge, models
+from customdiff import concept, merge, models, text
 
 CAPTIONS = {
     "<new1>": ("a <new1> star on a gray background", "a <new1> star on a sand background"),
@@ -73,11 +73,75 @@ def key_outputs(pipe, concept_: concept.Concept, caption: str) -> dict[str, torc
     return outputs
 
 
-def test_merged_concept_keeps_each_concepts_outputs_on_its_captions(tiny_pipeline_dir, random_concept):
+def test_the_weighted_merge_is_the_least_squares_fit():
+    """argmin Σ_n ‖F_n (ΔW − ΔW_n)ᵀ‖² + λ‖C_reg ΔWᵀ‖², λ = weight · tr(Σ G_n) / tr(M): stacked lstsq."""
+    generator = torch.Generator().manual_seed(0)
+    W0 = torch.randn(6, 20, generator=generator, dtype=torch.float64)
+    C_reg = torch.randn(300, 20, generator=generator, dtype=torch.float64)
+    F = [torch.randn(40, 20, generator=generator, dtype=torch.float64) for _ in range(2)]
+    deltas = [{"w": torch.randn(6, 20, generator=generator)}, {}]  # the second: a token concept
+    merged, report = merge.weighted_deltas({"w": W0}, C_reg.T @ C_reg, F, deltas, reg_weight=0.5)
+    scale = (0.5 * sum(float((f**2).sum()) for f in F) / float((C_reg**2).sum())) ** 0.5
+    stacked = torch.cat([F[0], F[1], scale * C_reg])
+    targets = torch.cat([F[0] @ deltas[0]["w"].double().T, torch.zeros(340, 6, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(stacked, targets).solution.T
+    torch.testing.assert_close(merged["w"].double(), expected, rtol=1e-4, atol=1e-5)
+    assert report.objective == pytest.approx(objective(W0 + expected, W0, C_reg), rel=1e-4)
+    assert report.naive_objective == pytest.approx(
+        objective(W0 + deltas[0]["w"].double(), W0, C_reg), rel=1e-4
+    )
+    assert 0 < report.residual < report.naive_residual
+
+
+def padded_key_outputs(pipe, concept_: concept.Concept, caption: str) -> dict[str, torch.Tensor]:
+    """Each attn2.to_k's output for all positions of the caption padded as the UNet reads it."""
+    applied = concept.apply_concept(pipe, concept_)
+    features = pipe.text_encoder(text.tokenize(pipe.tokenizer, [caption]))[0][0]
+    outputs = {
+        name: module(features) for name, module in pipe.unet.named_modules() if name.endswith("attn2.to_k")
+    }
+    concept.remove_concept(pipe, applied)
+    return outputs
+
+
+@torch.no_grad()
+def test_the_weighted_merge_keeps_each_concepts_outputs_better_than_addition(
+    tiny_pipeline_dir, random_concept
+):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     first, second = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
     captions = merge.regularization_captions(pipe.tokenizer, 200)
     merged, report = merge.merge_concepts(pipe, [first, second], captions)
+    added = concept.Concept(
+        **{**merged.__dict__, "deltas": {k: first.deltas[k] + second.deltas[k] for k in first.deltas}}
+    )
+    base = {name: module(pipe.text_encoder(text.tokenize(pipe.tokenizer, [captions[0]]))[0][0])
+            for name, module in pipe.unet.named_modules() if name.endswith("attn2.to_k")}  # fmt: skip
+    for own, caption in ((first, CAPTIONS["<new1>"][0]), (second, CAPTIONS["<new2>"][1])):
+        expected = padded_key_outputs(pipe, own, caption)
+        error = {
+            name: sum(float((outputs[k] - expected[k]).norm()) for k in expected)
+            for name, outputs in (
+                ("merged", padded_key_outputs(pipe, merged, caption)),
+                ("added", padded_key_outputs(pipe, added, caption)),
+            )
+        }
+        assert error["merged"] < 0.5 * error["added"]
+    ordinary = {
+        "merged": padded_key_outputs(pipe, merged, captions[0]),
+        "added": padded_key_outputs(pipe, added, captions[0]),
+    }
+    change = {
+        name: sum(float((outputs[k] - base[k]).norm()) for k in base) for name, outputs in ordinary.items()
+    }
+    assert change["merged"] < change["added"] and report.objective < report.naive_objective
+
+
+def test_merged_concept_keeps_each_concepts_outputs_on_its_captions(tiny_pipeline_dir, random_concept):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    first, second = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
+    captions = merge.regularization_captions(pipe.tokenizer, 200)
+    merged, report = merge.merge_concepts(pipe, [first, second], captions, method="constrained")
     assert merged.tokens == ("<new1>", "<new2>") and merged.base_hash == first.base_hash
     assert report.residual < 1e-6 < report.naive_residual
     for own, caption in ((first, CAPTIONS["<new1>"][0]), (second, CAPTIONS["<new2>"][1])):
@@ -102,16 +166,17 @@ def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
         "merge", tmp_path / "new1", tmp_path / "new2", "--model", tiny_pipeline_dir, "-o", tmp_path / "merged"
     )
     assert code == 0, err
-    assert "largest constraint residual" in out
+    assert "output error on the concepts' captions" in out
     merged = concept.load_concept(tmp_path / "merged")
     assert merged.tokens == ("<new1>", "<new2>")
     concept.apply_concept(models.load_pipeline(tiny_pipeline_dir), merged)  # usable like any concept
     (tmp_path / "captions.txt").write_text("a red star on a gray background\n")
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         "merge", tmp_path / "new1", tmp_path / "new2", "--model", tiny_pipeline_dir,
-        "--reg-captions", tmp_path / "captions.txt", "-o", tmp_path / "merged2",
+        "--reg-captions", tmp_path / "captions.txt", "--method", "constrained", "-o", tmp_path / "merged2",
     )  # fmt: skip
     assert code == 0, err
+    assert "largest constraint residual" in out
 
     clash = tmp_path / "clash"
     concept.save_concept(clash, random_concept(pipe, "<new1>", 3))

@@ -112,13 +112,18 @@ def test_sdxl_exports_load_in_diffusers_to_our_outputs(sdxl_trained, tiny_sdxl_d
     )
 
 
-def test_sdxl_concepts_merge_with_their_constraints_met(sdxl_trained, make_concept):
+def test_sdxl_concepts_merge_both_ways(sdxl_trained, make_concept):
     base, _, out = sdxl_trained
     first = concept.load_concept(out)
     second = make_concept(base, "<new2>", scale=0.1, captions=("a <new2> ring on a sand background",))
     merged, report = merge.merge_concepts(
-        base, [first, second], merge.regularization_captions(base.tokenizer, 200)
+        base, [first, second], merge.regularization_captions(base.tokenizer, 200), method="constrained"
     )
     assert merged.tokens == ("<new1>", "<new2>") and merged.embedding_widths == (16, 32)
     assert report.residual < 1e-6 < report.naive_residual and report.objective < report.naive_objective
+    weighted, report = merge.merge_concepts(
+        base, [first, second], merge.regularization_captions(base.tokenizer, 200)
+    )
+    assert weighted.embedding_widths == (16, 32) and set(weighted.deltas) == set(merged.deltas)
+    assert report.residual < report.naive_residual and report.objective < report.naive_objective
     assert all("<new1>" not in e.tokenizer.get_vocab() for e in text.text_encoders(base))  # left as it was

@@ -148,8 +148,12 @@ def merge(config: MergeConfig) -> None:
     from customdiff import merge as merging
 
     path, merged, report = merging.run_merge(config)
+    residual = {
+        "constrained": "largest constraint residual",
+        "weighted": "output error on the concepts' captions",
+    }
     print(
-        f"wrote {path}: tokens {' '.join(merged.tokens)}; largest constraint residual {report.residual:.2e} "
+        f"wrote {path}: tokens {' '.join(merged.tokens)}; {residual[config.method]} {report.residual:.2e} "
         f"(naive addition {report.naive_residual:.2e}); change on the regularization captions "
         f"{report.objective:.4g} (naive addition {report.naive_objective:.4g})"
     )

@@ -527,11 +527,20 @@ class MergeConfig:
         "the toy model, else the list shipped with customdiff)",
     )
     num_reg_captions: int = option(1000, "how many regularization captions to use")
+    method: Literal["weighted", "constrained"] = option(
+        "weighted",
+        "weighted: fit each concept's outputs at every position of its captions, padding included, in least "
+        "squares against the regularization captions; constrained: the paper's Eq. 4, exact from the "
+        "modifier token to the end of text",
+    )
+    reg_weight: float = option(0.25, "weighted: the regularization captions' weight against the concepts'")
     seed: int = option(0, "random seed of the sampled toy-world captions")
 
     def __post_init__(self) -> None:
         if self.num_reg_captions < 1:
             raise CustomDiffError(f"--num-reg-captions {self.num_reg_captions}: pass at least 1")
+        if self.reg_weight <= 0:
+            raise CustomDiffError(f"--reg-weight {self.reg_weight}: pass a weight above 0, e.g. 0.25")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,20 @@ The constraint rows of a caption are its positions from the concept's modifier t
 under the text encoder's causal mask the positions before the token are the same as in an ordinary
 caption, where the objective keeps the base weights (two concepts pinning those rows would contradict
 each other).
+
+That is the paper's merge (``method="constrained"``). The UNet also reads the padding after the end of
+text, which under the causal mask carries the whole caption: on the toy model 70% of a concept's output
+change lies there, which the constraints leave to the objective, so the merged K/V reproduced a concept's
+outputs on new prompts no better than adding the deltas did. The default (``method="weighted"``) fits
+every position the UNet reads, in least squares against the regularization captions:
+
+    W = argmin Σ_n ‖F_n (W − W_n)ᵀ‖²_F + λ ‖C_reg (W − W₀)ᵀ‖²_F,   so   ΔWᵀ = Σ_n A⁻¹ G_n ΔW_nᵀ,
+
+with F_n every position of concept n's padded captions, G_n = F_nᵀ F_n and A = Σ_n G_n + λ M (one
+Cholesky factorization for all layers); λ makes the regularization captions weigh ``reg_weight`` of the
+concepts' captions in total energy. Pinning the padding as hard constraints instead leaves more rows
+than feature dimensions, and the ordinary captions' outputs then change with 5.6× the energy the concepts'
+own deltas give them.
 """
 
 from __future__ import annotations
@@ -34,13 +48,16 @@ from customdiff.config import MergeConfig, save_config
 from customdiff.errors import CustomDiffError
 
 MERGEABLE_MODES = ("crossattn_kv", "token")
+METHODS = ("weighted", "constrained")
 RIDGE = 1e-2  # of the mean diagonal of C_regᵀC_reg
+REG_WEIGHT = MergeConfig.reg_weight
 
 
 @dataclass(frozen=True)
 class MergeReport:
-    """How well a merge holds: constraint residuals (largest |C Wᵀ − V| over the largest |V|) and the
-    objective Σ‖C_reg ΔWᵀ‖²_F, for the closed form and for naive addition of the deltas."""
+    """How well a merge holds: residuals of the concepts' outputs on their captions (constrained: largest
+    |C Wᵀ − V| over the largest |V|; weighted: ‖F_n (W − W_n)ᵀ‖_F over ‖F_n ΔW_nᵀ‖_F, the worst layer and
+    concept) and the objective Σ‖C_reg ΔWᵀ‖²_F, for the merge and for naive addition of the deltas."""
 
     residual: float
     naive_residual: float
@@ -198,8 +215,61 @@ def merge_deltas(
     return dict(zip(base, merged, strict=True)), report
 
 
-def merge_concepts(pipe, concepts: list[Concept], reg_captions: list[str]) -> tuple[Concept, MergeReport]:
-    """Merge concepts of ``pipe``'s base model into one concept (Eq. 4 per K/V matrix).
+def weighted_deltas(
+    base: dict[str, torch.Tensor],
+    gram: torch.Tensor,
+    features: list[torch.Tensor],
+    deltas: list[dict[str, torch.Tensor]],
+    reg_weight: float = REG_WEIGHT,
+) -> tuple[dict[str, torch.Tensor], MergeReport]:
+    """The weighted merge for every K/V matrix (see the module's docstring): the merged deltas and report.
+
+    Args:
+        base: name → base weight W0 (out, d). gram: M = C_regᵀ C_reg (d, d), float64.
+        features: per concept, every position of its captions F_n (s_n, d), float64 (only F_nᵀF_n matters).
+        deltas: per concept, name → its fine-tuned change ΔW_n of that weight (absent: unchanged, so its
+            captions keep the base outputs).
+    """
+    # rows with F_n's Gram matrix, at most d of them (a thin QR), so each layer's products are r_n wide, not d
+    rows = [torch.linalg.qr(F, mode="r").R if len(F) > F.shape[1] else F for F in features]
+    total = sum(R.T @ R for R in rows)
+    system = total + gram * (reg_weight * total.trace() / gram.trace())
+    # directions no caption reaches (a short --reg-captions list) get no change; jitter keeps A invertible
+    system += torch.eye(len(system), dtype=system.dtype) * 1e-6 * system.diagonal().mean()
+    solved = [torch.cholesky_solve(R.T, torch.linalg.cholesky(system)).T for R in rows]  # R_n A⁻¹ (r_n, d)
+    # ΔW = Σ_n (ΔW_n R_nᵀ)(R_n A⁻¹): its outputs on concept m's rows and its objective come from small kernels
+    cross = [[(R @ Z.T).float() for Z in solved] for R in rows]  # R_m A⁻¹ R_nᵀ
+    kernels = [[(Z_a @ gram @ Z_b.T).float() for Z_b in solved] for Z_a in solved]  # R_a A⁻¹ M A⁻¹ R_bᵀ
+    rows, solved = [R.float() for R in rows], [Z.float() for Z in solved]
+    merged, residual, naive_residual, objective, naive_objective = {}, 0.0, 0.0, 0.0, 0.0
+    for name, W0 in base.items():
+        own = [concept[name].float() if name in concept else torch.zeros(W0.shape) for concept in deltas]
+        outputs = [Δ @ R.T for Δ, R in zip(own, rows, strict=True)]  # each concept's own change on its rows
+        merged[name] = sum(Y @ Z for Y, Z in zip(outputs, solved, strict=True))
+        naive = sum(own)
+        for m, (Δ, R, Y) in enumerate(zip(own, rows, outputs, strict=True)):
+            on_rows = sum(Y_n @ cross[m][n].T for n, Y_n in enumerate(outputs))
+            reference = max(float(Y.norm()), 1e-30)
+            residual = max(residual, float((on_rows - Y).norm()) / reference)
+            naive_residual = max(naive_residual, float(((naive - Δ) @ R.T).norm()) / reference)
+        objective += sum(
+            float((Y_a @ kernels[a][b] * Y_b).sum())
+            for a, Y_a in enumerate(outputs)
+            for b, Y_b in enumerate(outputs)
+        )
+        naive_objective += change_on_captions(naive, gram)
+    return merged, MergeReport(residual, naive_residual, objective, naive_objective)
+
+
+def merge_concepts(
+    pipe,
+    concepts: list[Concept],
+    reg_captions: list[str],
+    method: str = "weighted",
+    reg_weight: float = REG_WEIGHT,
+) -> tuple[Concept, MergeReport]:
+    """Merge concepts of ``pipe``'s base model into one concept (``method`` per K/V matrix: the module's
+    docstring).
 
     ``pipe`` is the base pipeline, left as it was; ``token`` concepts contribute their tokens alone.
 
@@ -221,12 +291,19 @@ def merge_concepts(pipe, concepts: list[Concept], reg_captions: list[str]) -> tu
                 for token, word in zip(concept.tokens, concept.class_words, strict=True)
             ]
             ids, features = text_features(pipe, captions)
-            rows.append(constraint_rows(ids, features, first_new_id, pipe.tokenizer.eos_token_id))
+            if method == "constrained":
+                rows.append(constraint_rows(ids, features, first_new_id, pipe.tokenizer.eos_token_id))
+            else:
+                rows.append(features.flatten(0, 1))
     finally:
         text.unload_tokens(pipe, tokens)
     names = sorted({name for concept in concepts for name in concept.deltas})
     base = {name: pipe.unet.get_parameter(name.removeprefix("unet.")).detach().cpu() for name in names}
-    deltas, report = merge_deltas(base, gram, rows, [concept.deltas for concept in concepts])
+    own = [concept.deltas for concept in concepts]
+    if method == "constrained":
+        deltas, report = merge_deltas(base, gram, rows, own)
+    else:
+        deltas, report = weighted_deltas(base, gram, rows, own, reg_weight)
     merged = Concept(
         base_hash=concepts[0].base_hash,
         mode="crossattn_kv",
@@ -253,7 +330,7 @@ def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport]:
         captions = generate.read_prompts(config.reg_captions, "--reg-captions")[: config.num_reg_captions]
     else:
         captions = regularization_captions(pipe.tokenizer, config.num_reg_captions, config.seed)
-    merged, report = merge_concepts(pipe, concepts, captions)
+    merged, report = merge_concepts(pipe, concepts, captions, config.method, config.reg_weight)
     path = save_concept(config.out, merged)
     save_config(config, config.out)
     return path, merged, report
