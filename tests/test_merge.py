@@ -60,16 +60,23 @@ def random_concept(make_concept):
 
 
 @torch.no_grad()
-def key_outputs(pipe, concept_: concept.Concept, caption: str) -> dict[str, torch.Tensor]:
-    """Each attn2.to_k's output for the caption's positions from the modifier token on, with the concept."""
-    applied = concept.apply_concept(pipe, concept_)
-    ids = pipe.tokenizer(caption, return_tensors="pt").input_ids
-    start = int((ids[0] >= pipe.tokenizer.convert_tokens_to_ids(concept_.tokens[0])).nonzero()[0])
-    features = pipe.text_encoder(ids)[0][0, start:]
+def key_outputs(
+    pipe, concept_: concept.Concept | None, caption: str, padded: bool = False
+) -> dict[str, torch.Tensor]:
+    """Each attn2.to_k's output for the caption's positions from the modifier token on or, ``padded``, for
+    every position of the caption padded as the UNet reads it; with the concept (None: the base model)."""
+    applied = concept.apply_concept(pipe, concept_) if concept_ is not None else None
+    if padded:
+        features = pipe.text_encoder(text.tokenize(pipe.tokenizer, [caption]))[0][0]
+    else:
+        ids = pipe.tokenizer(caption, return_tensors="pt").input_ids
+        start = int((ids[0] >= pipe.tokenizer.convert_tokens_to_ids(concept_.tokens[0])).nonzero()[0])
+        features = pipe.text_encoder(ids)[0][0, start:]
     outputs = {
         name: module(features) for name, module in pipe.unet.named_modules() if name.endswith("attn2.to_k")
     }
-    concept.remove_concept(pipe, applied)
+    if applied is not None:
+        concept.remove_concept(pipe, applied)
     return outputs
 
 
@@ -93,17 +100,6 @@ def test_the_weighted_merge_is_the_least_squares_fit():
     assert 0 < report.residual < report.naive_residual
 
 
-def padded_key_outputs(pipe, concept_: concept.Concept, caption: str) -> dict[str, torch.Tensor]:
-    """Each attn2.to_k's output for all positions of the caption padded as the UNet reads it."""
-    applied = concept.apply_concept(pipe, concept_)
-    features = pipe.text_encoder(text.tokenize(pipe.tokenizer, [caption]))[0][0]
-    outputs = {
-        name: module(features) for name, module in pipe.unet.named_modules() if name.endswith("attn2.to_k")
-    }
-    concept.remove_concept(pipe, applied)
-    return outputs
-
-
 @torch.no_grad()
 def test_the_weighted_merge_keeps_each_concepts_outputs_better_than_addition(
     tiny_pipeline_dir, random_concept
@@ -115,21 +111,20 @@ def test_the_weighted_merge_keeps_each_concepts_outputs_better_than_addition(
     added = concept.Concept(
         **{**merged.__dict__, "deltas": {k: first.deltas[k] + second.deltas[k] for k in first.deltas}}
     )
-    base = {name: module(pipe.text_encoder(text.tokenize(pipe.tokenizer, [captions[0]]))[0][0])
-            for name, module in pipe.unet.named_modules() if name.endswith("attn2.to_k")}  # fmt: skip
+    base = key_outputs(pipe, None, captions[0], padded=True)
     for own, caption in ((first, CAPTIONS["<new1>"][0]), (second, CAPTIONS["<new2>"][1])):
-        expected = padded_key_outputs(pipe, own, caption)
+        expected = key_outputs(pipe, own, caption, padded=True)
         error = {
             name: sum(float((outputs[k] - expected[k]).norm()) for k in expected)
             for name, outputs in (
-                ("merged", padded_key_outputs(pipe, merged, caption)),
-                ("added", padded_key_outputs(pipe, added, caption)),
+                ("merged", key_outputs(pipe, merged, caption, padded=True)),
+                ("added", key_outputs(pipe, added, caption, padded=True)),
             )
         }
         assert error["merged"] < 0.5 * error["added"]
     ordinary = {
-        "merged": padded_key_outputs(pipe, merged, captions[0]),
-        "added": padded_key_outputs(pipe, added, captions[0]),
+        "merged": key_outputs(pipe, merged, captions[0], padded=True),
+        "added": key_outputs(pipe, added, captions[0], padded=True),
     }
     change = {
         name: sum(float((outputs[k] - base[k]).norm()) for k in base) for name, outputs in ordinary.items()

@@ -48,7 +48,6 @@ from customdiff.config import MergeConfig, save_config
 from customdiff.errors import CustomDiffError
 
 MERGEABLE_MODES = ("crossattn_kv", "token")
-METHODS = ("weighted", "constrained")
 RIDGE = 1e-2  # of the mean diagonal of C_regᵀC_reg
 REG_WEIGHT = MergeConfig.reg_weight
 
@@ -236,7 +235,8 @@ def weighted_deltas(
     system = total + gram * (reg_weight * total.trace() / gram.trace())
     # directions no caption reaches (a short --reg-captions list) get no change; jitter keeps A invertible
     system += torch.eye(len(system), dtype=system.dtype) * 1e-6 * system.diagonal().mean()
-    solved = [torch.cholesky_solve(R.T, torch.linalg.cholesky(system)).T for R in rows]  # R_n A⁻¹ (r_n, d)
+    factor = torch.linalg.cholesky(system)
+    solved = [torch.cholesky_solve(R.T, factor).T for R in rows]  # R_n A⁻¹ (r_n, d)
     # ΔW = Σ_n (ΔW_n R_nᵀ)(R_n A⁻¹): its outputs on concept m's rows and its objective come from small kernels
     cross = [[(R @ Z.T).float() for Z in solved] for R in rows]  # R_m A⁻¹ R_nᵀ
     kernels = [[(Z_a @ gram @ Z_b.T).float() for Z_b in solved] for Z_a in solved]  # R_a A⁻¹ M A⁻¹ R_bᵀ
