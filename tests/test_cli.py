@@ -322,6 +322,17 @@ def test_console_script(tmp_path):
     assert "warnings.warn" not in judged.stderr
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``customdiff judge … | head -1``: the pipe closes before the command writes, as ``head`` closes it."""
+    script = Path(sys.executable).with_name("customdiff")
+    process = subprocess.Popen(
+        [script, "toyworld", "concepts"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()  # long before the command has imported torch and written a line
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == ""
+
+
 def test_train_and_generate_take_a_checkpoint_file(
     run_cli, tiny_pipeline_dir, tiny_checkpoint_file, tmp_path
 ):

@@ -217,7 +217,8 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, 2 for a problem the user can fix, 130 on Ctrl-C)."""
+    """Run one command; returns the exit status (0, 2 for a problem the user can fix, 130 on Ctrl-C, 141 when
+    the reader of the output has gone, as with ``| head``)."""
     # transformers warns on import that torchvision is missing, which customdiff never needs
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.formatwarning = one_line_warning
@@ -236,4 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stop quietly, as other tools do; what is left to flush goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
