@@ -135,6 +135,7 @@ def test_unknown_judge_concept_is_named(run_cli, scene_folder):
         (["judge", "x.png", "--prompt", "a <new1> star on a gray background"], ["--concept <new1>="]),
         (["judge", "x.png", "--concept", "starfish"], ['"starfish"', "TOKEN=NAME_OR_DIR"]),
         (["judge", "missing.png"], ["missing.png does not exist"]),
+        (["merge", "a", "b", "--context-share", "1"], ["--context-share 1", "below 1"]),
     ],
 )
 def test_bad_flags_give_one_line(run_cli, tmp_path, monkeypatch, argv, parts):

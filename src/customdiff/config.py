@@ -534,6 +534,11 @@ class MergeConfig:
         "modifier token to the end of text",
     )
     reg_weight: float = option(0.25, "weighted: the regularization captions' weight against the concepts'")
+    context_share: float = option(
+        0.5,
+        "weighted: the share of each concept's fit given to the regularization captions that name its class "
+        "word, with its token put in (0: its own captions alone)",
+    )
     seed: int = option(0, "random seed of the sampled toy-world captions")
 
     def __post_init__(self) -> None:
@@ -541,6 +546,8 @@ class MergeConfig:
             raise CustomDiffError(f"--num-reg-captions {self.num_reg_captions}: pass at least 1")
         if self.reg_weight <= 0:
             raise CustomDiffError(f"--reg-weight {self.reg_weight}: pass a weight above 0, e.g. 0.25")
+        if not 0 <= self.context_share < 1:
+            raise CustomDiffError(f"--context-share {self.context_share}: pass a share from 0 to below 1")
 
 
 @dataclass(frozen=True)
