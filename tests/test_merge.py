@@ -205,7 +205,7 @@ def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
         "merge", tmp_path / "new1", tmp_path / "new2", "--model", tiny_pipeline_dir, "-o", tmp_path / "merged"
     )
     assert code == 0, err
-    assert "output error on the concepts' captions" in out
+    assert "output error on the concepts' captions and contexts" in out
     merged = concept.load_concept(tmp_path / "merged")
     assert merged.tokens == ("<new1>", "<new2>")
     concept.apply_concept(models.load_pipeline(tiny_pipeline_dir), merged)  # usable like any concept

@@ -150,7 +150,7 @@ def merge(config: MergeConfig) -> None:
     path, merged, report = merging.run_merge(config)
     residual = {
         "constrained": "largest constraint residual",
-        "weighted": "output error on the concepts' captions",
+        "weighted": "output error on the concepts' captions and contexts",
     }
     print(
         f"wrote {path}: tokens {' '.join(merged.tokens)}; {residual[config.method]} {report.residual:.2e} "
