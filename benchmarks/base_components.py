@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import CLIPModel
 
-from customdiff import models, pretrain, toyjudge, toyworld
+from customdiff import evaluate, models, pretrain, toyjudge, toyworld
 
 
 def same_reading(a: toyjudge.Reading, b: toyjudge.Reading) -> bool:
@@ -35,6 +35,19 @@ def reconstruct(vae, images: np.ndarray) -> tuple[np.ndarray, float]:
     reconstructions = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     mse = ((reconstructions.astype(float) - images.astype(float)) ** 2).mean(axis=(1, 2, 3))
     return reconstructions, float(np.mean(10 * np.log10(255**2 / np.maximum(mse, 1e-6))))
+
+
+def judged_round_trips(
+    vae, prompts: list[str], concepts: dict[str, toyworld.Concept], signatures, n: int, seed: int
+) -> dict[str, float]:
+    """The judge's shares (``evaluate.judge_concept_prompts``) on VAE round trips of ``n`` scenes a prompt
+    naming ``concepts`` by token, rendered as the spec lays them out: what a UNet drawing the rendered world
+    exactly would score, the ceiling of a concept's floors."""
+    rng = np.random.default_rng(seed)
+    repeated = [prompt for prompt in prompts for _ in range(n)]
+    scenes = np.stack([toyworld.render(toyworld.parse_caption(p), rng, concepts) for p in repeated])
+    reconstructions, _ = reconstruct(vae, scenes)
+    return evaluate.judge_concept_prompts(list(reconstructions), repeated, signatures)
 
 
 def vae_report(vae, captions: list[toyworld.Caption], rng: np.random.Generator) -> dict[str, float]:

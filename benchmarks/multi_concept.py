@@ -20,26 +20,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from base_components import reconstruct  # benchmarks/, first on the path when run as a script
+from base_components import judged_round_trips  # benchmarks/, first on the path when run as a script
 from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyjudge, toyworld
 from customdiff.config import FinetuneConfig
 
 PRESENT = "judge_new_context_concept_present"
 BOTH = "judge_two_concepts_concept_present"
-
-
-def vae_ceiling(vae, prompts: list[str], built_ins, tokens, targets, n: int, seed: int) -> float:
-    """Both concepts present (%) in VAE round trips of ``n`` rendered scenes a two-concept prompt: what a
-    UNet drawing the rendered world exactly would score, an upper bound of the two-concept floors."""
-    rng = np.random.default_rng(seed)
-    named = dict(zip(tokens, built_ins, strict=True))
-    repeated = [prompt for prompt in prompts for _ in range(n)]
-    scenes = np.stack([toyworld.render(toyworld.parse_caption(p), rng, named) for p in repeated])
-    signatures = {token: toyjudge.concept_signature(images) for token, images in targets.items()}
-    reconstructions, _ = reconstruct(vae, scenes)
-    return evaluate.judge_concept_prompts(list(reconstructions), repeated, signatures)[BOTH]
+CEILING_SCENES = 32  # rendered scenes a prompt for the VAE's ceiling
 
 
 def main() -> None:
@@ -99,7 +86,9 @@ def main() -> None:
                 pipe, model, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed
             )
 
-        ceiling = vae_ceiling(pipe.vae, pairs, built_ins, tokens, targets, 32, args.seed)
+        signatures = {token: toyjudge.concept_signature(images) for token, images in targets.items()}
+        named = dict(zip(tokens, built_ins, strict=True))
+        ceiling = judged_round_trips(pipe.vae, pairs, named, signatures, CEILING_SCENES, args.seed)[BOTH]
         singles = [evaluate.toy_prompts((t,), (s,)) for t, s in zip(tokens, shapes, strict=True)]
         rows = {
             f"{tokens[0]} alone": scored(separate[0], singles[0]),
