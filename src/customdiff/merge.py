@@ -294,7 +294,7 @@ def weighted_deltas(
 def with_contexts(own: torch.Tensor, contexts: torch.Tensor | None, share: float) -> torch.Tensor:
     """A concept's rows for the weighted fit: its captions' ``own`` rows and, scaled to ``share`` of the
     energy of both, its rows in the regularization captions' ``contexts``."""
-    if contexts is None or share == 0:
+    if contexts is None:
         return own
     scale = (share / (1 - share) * own.square().sum() / contexts.square().sum()).sqrt()
     return torch.cat([own, contexts * scale])
@@ -339,7 +339,8 @@ def merge_concepts(
                 for token, word in zip(concept.tokens, concept.class_words, strict=True)
                 for caption in context_captions(reg_captions, token, word)
             ]
-            in_contexts = text_features(pipe, contexts)[1].flatten(0, 1) if contexts else None
+            encode = contexts and context_share  # none to encode when they weigh nothing
+            in_contexts = text_features(pipe, contexts)[1].flatten(0, 1) if encode else None
             rows.append(with_contexts(features.flatten(0, 1), in_contexts, context_share))
     finally:
         text.unload_tokens(pipe, tokens)
