@@ -38,11 +38,13 @@ def reconstruct(vae, images: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def judged_round_trips(
-    vae, prompts: list[str], concepts: dict[str, toyworld.Concept], signatures, n: int, seed: int
+    vae, prompts: list[str], concepts: dict[str, toyworld.Concept], targets, n: int, seed: int
 ) -> dict[str, float]:
-    """The judge's shares (``evaluate.judge_concept_prompts``) on VAE round trips of ``n`` scenes a prompt
-    naming ``concepts`` by token, rendered as the spec lays them out: what a UNet drawing the rendered world
-    exactly would score, the ceiling of a concept's floors."""
+    """The judge's shares (``evaluate.judge_concept_prompts``, each concept known by its ``targets`` images
+    as ``evaluate`` knows it) on VAE round trips of ``n`` scenes a prompt naming ``concepts`` by token,
+    rendered as the spec lays them out: what a UNet drawing the rendered world exactly would score, the
+    ceiling of a concept's floors."""
+    signatures = {token: toyjudge.concept_signature(images) for token, images in targets.items()}
     rng = np.random.default_rng(seed)
     repeated = [prompt for prompt in prompts for _ in range(n)]
     scenes = np.stack([toyworld.render(toyworld.parse_caption(p), rng, concepts) for p in repeated])

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from base_components import judged_round_trips  # benchmarks/, first on the path when run as a script
-from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyjudge, toyworld
+from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyworld
 from customdiff.config import FinetuneConfig
 
 PRESENT = "judge_new_context_concept_present"
@@ -86,9 +86,8 @@ def main() -> None:
                 pipe, model, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed
             )
 
-        signatures = {token: toyjudge.concept_signature(images) for token, images in targets.items()}
         named = dict(zip(tokens, built_ins, strict=True))
-        ceiling = judged_round_trips(pipe.vae, pairs, named, signatures, CEILING_SCENES, args.seed)[BOTH]
+        ceiling = judged_round_trips(pipe.vae, pairs, named, targets, CEILING_SCENES, args.seed)[BOTH]
         singles = [evaluate.toy_prompts((t,), (s,)) for t, s in zip(tokens, shapes, strict=True)]
         rows = {
             f"{tokens[0]} alone": scored(separate[0], singles[0]),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from base_components import judged_round_trips  # benchmarks/, first on the path when run as a script
-from customdiff import concept, evaluate, files, finetune, models, toyjudge, toyworld
+from customdiff import concept, evaluate, files, finetune, models, toyworld
 from customdiff.config import FinetuneConfig
 
 MODES = ("crossattn_kv", "crossattn", "full", "token")
@@ -98,7 +98,7 @@ def main() -> None:
                     pipe.vae,
                     list(evaluate.toy_prompts(("<new1>",), (built_in.shape,)).concept),
                     {"<new1>": built_in},
-                    {"<new1>": toyjudge.concept_signature(targets)},
+                    {"<new1>": targets},
                     CEILING_SCENES,
                     args.seed,
                 )
