@@ -19,6 +19,24 @@ from transformers import CLIPModel
 from customdiff import evaluate, models, pretrain, toyjudge, toyworld
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The training and scoring options of the benchmarks that train concepts and judge their samples."""
+    parser.add_argument(
+        "--steps", type=int, help="training steps of every run (default: the model's, else 400)"
+    )
+    parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
+    parser.add_argument("--num-reg", type=int, default=200, help="regularization images per concept")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_settings(args: argparse.Namespace, cache_dir: Path) -> dict:
+    """``FinetuneConfig`` fields from ``add_run_options``' options, regularization images cached in
+    ``cache_dir``."""
+    return dict(steps=args.steps, lr=args.lr, num_reg=args.num_reg, seed=args.seed, cache_dir=cache_dir)
+
+
 def same_reading(a: toyjudge.Reading, b: toyjudge.Reading) -> bool:
     """Whether two readings agree on background and every object's colour, shape, size and position."""
     keys = [(o.color, o.shape, o.size, o.position) for o in a.objects]

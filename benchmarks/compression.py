@@ -13,6 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from base_components import add_run_options, run_settings  # benchmarks/, first on the path as a script
 from customdiff import compress, concept, evaluate, files, finetune, models, toyworld
 from customdiff.config import FinetuneConfig
 
@@ -24,11 +25,7 @@ COLUMNS = ("file_mb", "text_alignment", "image_alignment", "judge_new_context_co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", default="starfish", help="built-in concept to train")
-    parser.add_argument("--steps", type=int, help="training steps (default: the model's, else 400)")
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
-    parser.add_argument("--num-reg", type=int, default=200, help="regularization images per concept")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_options(parser)
     args = parser.parse_args()
 
     pipe = models.load_pipeline()
@@ -40,12 +37,7 @@ def main() -> None:
         images = work / built_in.name
         files.write_image_folder(images, toyworld.concept_scenes(built_in, 6, seed=args.seed))
         config = FinetuneConfig(
-            images,
-            built_in.shape,
-            out=work / "full",
-            steps=args.steps,
-            seed=args.seed,
-            cache_dir=work / "cache",
+            images, built_in.shape, out=work / "full", **run_settings(args, work / "cache")
         )
         full = concept.load_concept(finetune.train(config, models.load_pipeline()))
         targets = {"<new1>": [image for _, image, _ in files.read_image_folder(images)]}

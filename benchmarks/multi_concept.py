@@ -20,7 +20,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from base_components import judged_round_trips  # benchmarks/, first on the path when run as a script
+from base_components import (
+    add_run_options,
+    judged_round_trips,
+    run_settings,
+)  # benchmarks/, first on the path when run as a script
 from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyworld
 from customdiff.config import FinetuneConfig
 
@@ -32,14 +36,7 @@ CEILING_SCENES = 32  # rendered scenes a prompt for the VAE's ceiling
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs=2, default=["starfish", "donut"], help="two built-in concepts")
-    parser.add_argument(
-        "--steps", type=int, help="training steps of every run (default: the model's, else 400)"
-    )
-    parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
-    parser.add_argument("--num-reg", type=int, default=200, help="regularization images per concept")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_options(parser)
     args = parser.parse_args()
 
     pipe = models.load_pipeline()
@@ -54,9 +51,7 @@ def main() -> None:
             files.write_image_folder(
                 folder, toyworld.concept_scenes(built_in, 6, token=token, seed=args.seed)
             )
-        settings = dict(
-            steps=args.steps, lr=args.lr, num_reg=args.num_reg, seed=args.seed, cache_dir=work / "cache"
-        )
+        settings = run_settings(args, work / "cache")
 
         def trained(out: str, **config) -> concept.Concept:
             path = finetune.train(

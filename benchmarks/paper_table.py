@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from base_components import judged_round_trips  # benchmarks/, first on the path when run as a script
+from base_components import (
+    add_run_options,
+    judged_round_trips,
+    run_settings,
+)  # benchmarks/, first on the path when run as a script
 from customdiff import concept, evaluate, files, finetune, models, toyworld
 from customdiff.config import FinetuneConfig
 
@@ -41,16 +45,7 @@ CEILING_SCENES = 32  # rendered scenes a prompt for the VAE's ceiling
 def run_one(pipe, clip, images: Path, shape: str, mode: str, args, work: Path) -> dict[str, float]:
     """Train one concept in one mode on a fresh copy of the base, then evaluate it on ``pipe``."""
     out = work / f"{images.name}-{mode}"
-    config = FinetuneConfig(
-        images,
-        shape,
-        out=out,
-        mode=mode,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        cache_dir=work / "cache",
-    )
+    config = FinetuneConfig(images, shape, out=out, mode=mode, **run_settings(args, work / "cache"))
     started = time.perf_counter()
     path = finetune.train(config, models.load_pipeline())
     train_s = time.perf_counter() - started
@@ -73,13 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs="+", default=list(toyworld.CONCEPTS), help="built-in concepts")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument(
-        "--steps", type=int, help="training steps of every run (default: the model's, else 400)"
-    )
-    parser.add_argument("--lr", type=float, help="learning rate per image (default: by mode)")
-    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--sampling-steps", type=int, default=50, help="sampling steps of the evaluation")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_options(parser)
     args = parser.parse_args()
 
     pipe = models.load_pipeline()
