@@ -323,7 +323,7 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     assert code == 2 and 'entry 1 needs "images"' in err and len(err.splitlines()) == 1
 
 
-def test_joint_two_object_views_set_the_concepts_beside_each_other(concept_dir, tmp_path):
+def test_joint_two_object_views_set_each_concept_beside_its_class_alone(concept_dir, tmp_path):
     ring_dir = tmp_path / "donut"
     files.write_image_folder(
         ring_dir, toyworld.concept_scenes(toyworld.get_concept("donut"), 4, token="<new2>")
@@ -339,8 +339,10 @@ def test_joint_two_object_views_set_the_concepts_beside_each_other(concept_dir, 
         out=tmp_path / "out",
     )
     _, targets, _ = finetune.prepare_data(config, models.load_pipeline())  # the toy model: 64² scenes
-    for pool, other in zip(targets, ("<new2> ring", "<new1> star"), strict=True):
-        assert any(other in caption and " and a " in caption for caption in pool.captions)
+    for pool, own, other in zip(targets, ("<new1>", "<new2>"), ("<new2>", "<new1>"), strict=True):
+        composed = [caption for caption in pool.captions if " and a " in caption]
+        assert composed and all(own in caption for caption in composed)
+        assert not any(other in caption for caption in pool.captions)  # pairing the concepts cost them
 
 
 def test_preview_prompts_are_checked_first_and_drawn_labelled(

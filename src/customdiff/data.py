@@ -18,7 +18,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +194,7 @@ def object_cutout(image: Image.Image) -> Cutout | None:
 
 def composed_view(
     example: Example,
-    partners: list[dict[str, list[tuple[Cutout, toyworld.Thing]]]],
+    partners: dict[str, list[tuple[Cutout, toyworld.Thing]]],
     scale_factor: int,
     rng: np.random.Generator,
     flip: bool = True,
@@ -205,17 +205,16 @@ def composed_view(
 
     Trained on one-object captions alone, K/V read the concept from every position after its token, so a
     prompt naming a second object loses both (README, "Composition"). Only a one-object caption of the toy
-    grammar whose image holds one object composes, with an object of its background from one of the
-    ``partners`` sets (``partners_by_background`` each), every set with one as likely; else None.
+    grammar whose image holds one object composes, with an object of its background from ``partners``
+    (``partners_by_background``); else None.
     """
     caption = toyworld.caption_or_none(example.caption)
     if caption is None or len(caption.things) != 1:
         return None
-    sets = [group[caption.background] for group in partners if group.get(caption.background)]
-    target = object_cutout(example.image) if sets else None
+    candidates = partners.get(caption.background)
+    target = object_cutout(example.image) if candidates else None
     if target is None:
         return None
-    candidates = sets[int(rng.integers(len(sets)))]
     pair = [(target, caption.things[0]), candidates[int(rng.integers(len(candidates)))]]
     if rng.random() < 0.5:
         pair.reverse()
@@ -310,16 +309,15 @@ def target_pool(
     seed: int,
     augment: bool = True,
     flip: bool = True,
-    partners: Sequence[Iterable[tuple[Image.Image, str]]] = (),
+    partners: Iterable[tuple[Image.Image, str]] = (),
     composed_share: float = 0.0,
 ) -> LatentPool:
     """``VIEWS_PER_IMAGE`` random views of each example, encoded once (the same for the same seed); a
-    ``composed_share`` of them two-object scenes with an object of one of the ``partners`` sets where the
-    caption allows (``composed_view``): the class's regularization images and, trained jointly, the other
-    concepts' images (SVDiff's cut-mix of two concepts)."""
+    ``composed_share`` of them two-object scenes with an object of one of the ``partners`` images (the
+    class's regularization images) where the caption allows (``composed_view``)."""
     rng = np.random.default_rng(seed)
     count = VIEWS_PER_IMAGE * len(examples) if augment or flip or composed_share else len(examples)
-    by_background = [partners_by_background(group) for group in partners] if composed_share else []
+    by_background = partners_by_background(partners) if composed_share else {}
     composed_captions = []
 
     def view(example: Example) -> View:

@@ -315,7 +315,7 @@ def prepare_data(
     config: FinetuneConfig, pipe
 ) -> tuple[list[list[str]], list[data.LatentPool], list[data.LatentPool | None]]:
     """Per concept: its target captions, and the encoded pools of its target views (two-object views pair
-    it with its class's regularization images and the other concepts) and of its regularization images."""
+    it with its class's regularization images) and of its regularization images."""
     size = data.resolution(pipe)
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
@@ -334,18 +334,9 @@ def prepare_data(
             config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
         )
         scale, seed = pipe.vae_scale_factor, config.seed
-        others = [(e.image, e.caption) for rest in examples if rest is not own for e in rest]
-        partners = [reg_images, others] if others else [reg_images]  # two concepts side by side too
-        targets.append(
+        targets.append(  # a joint run's concepts never share a view: that cost them (README, "Joint")
             data.target_pool(
-                pipe.vae,
-                own,
-                scale,
-                seed,
-                config.augment,
-                config.flip,
-                partners,
-                config.composed_views,
+                pipe.vae, own, scale, seed, config.augment, config.flip, reg_images, config.composed_views
             )
         )
         regs.append(data.regularization_pool(pipe.vae, reg_images, size, scale, seed, config.flip))
