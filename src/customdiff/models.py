@@ -58,24 +58,30 @@ def toy_words() -> list[str]:
 def build_toy_tokenizer() -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary spells each toy word as a single token.
 
-    Trained with the ``tokenizers`` BPE trainer on the word list; like SD's, it ends words with ``</w>``,
-    pads with ``<|endoftext|>`` and takes ``add_tokens("<new1>")``.
+    Like SD's, it ends words with ``</w>``, pads with ``<|endoftext|>`` and takes ``add_tokens("<new1>")``.
+    Its merges join each word's characters left to right, longer words first; built by hand, not by the
+    ``tokenizers`` trainer, which breaks ties between equally frequent pairs differently in every process,
+    so that its token ids (and with them every model built on it) changed from run to run.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    special = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=2000, special_tokens=special, end_of_word_suffix="</w>", show_progress=False
-    )
-    bpe.train_from_iterator(toy_words() * 10, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(merge.split()) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    words = toy_words()
+    characters = sorted({character for word in words for character in word})
+    vocab = ["<|startoftext|>", "<|endoftext|>", *characters, *(c + "</w>" for c in characters)]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(words, key=len, reverse=True):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        token = pieces[0]
+        for piece in pieces[1:]:
+            if (token, piece) not in merges:
+                merges.append((token, piece))
+                vocab.append(token + piece)
+            token += piece
     tokenizer = CLIPTokenizer(
-        vocab=model["vocab"], merges=merges, pad_token="<|endoftext|>", model_max_length=MAX_TOKENS
+        vocab={token: index for index, token in enumerate(vocab)},
+        merges=merges,
+        pad_token="<|endoftext|>",
+        model_max_length=MAX_TOKENS,
     )
-    for word in toy_words():
+    for word in words:
         assert is_one_token(tokenizer, word), word
     return tokenizer
 
