@@ -44,6 +44,14 @@ def test_generate_prompts_file_writes_metadata(run_cli, tiny_pipeline_dir, tmp_p
     assert code == 0
     texts = [json.loads(line)["text"] for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert texts == ["a red star on a gray background", "a blue ring on a sand background"]
+    several = tmp_path / "several"
+    code, _, _ = run_cli(
+        "generate", *texts, "--n", 1, "--steps", 2, "--model", tiny_pipeline_dir, "-o", several
+    )  # fmt: skip
+    assert code == 0
+    assert (several / "metadata.jsonl").read_text() == (out / "metadata.jsonl").read_text()
+    for image in ("00000.png", "00001.png"):  # the same seeds: the same images as from the file
+        assert np.array_equal(*(np.asarray(Image.open(folder / image)) for folder in (out, several)))
 
 
 def test_generate_bad_input_is_one_line(run_cli, tiny_pipeline_dir, tmp_path):
@@ -53,6 +61,10 @@ def test_generate_bad_input_is_one_line(run_cli, tiny_pipeline_dir, tmp_path):
     assert code == 2 and "not a diffusers pipeline" in err
     code, _, err = run_cli("generate", "-o", tmp_path / "o")
     assert code == 2 and "--prompts" in err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star on a gray background\n")
+    code, _, err = run_cli("generate", "a red star", "--prompts", prompts, "-o", tmp_path / "o")
+    assert code == 2 and "one of them" in err
 
 
 def test_train_then_generate_with_the_concept(run_cli, tiny_pipeline_dir, tmp_path):

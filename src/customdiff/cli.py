@@ -100,7 +100,7 @@ def generate(config: GenerateConfig) -> None:
     from customdiff import generate as sampling
     from customdiff import models
 
-    prompts = [config.prompt] if config.prompt is not None else sampling.read_prompts(config.prompts)
+    prompts = list(config.prompt) if config.prompt else sampling.read_prompts(config.prompts)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
     if config.concept is not None:

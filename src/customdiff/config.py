@@ -255,7 +255,9 @@ class GenerateConfig:
     command: ClassVar[str] = "generate"
     model_settable: ClassVar[tuple[str, ...]] = ("guidance",)
 
-    prompt: str | None = positional("the prompt (or give --prompts FILE)", optional=True)
+    prompt: tuple[str, ...] | None = positional(
+        "the prompts, each in quotes (or give --prompts FILE)", optional=True
+    )
     out: Path = option(Path("samples"), "folder for the PNGs, grid.png and metadata.jsonl", short="-o")
     prompts: Path | None = option(None, "text file with one prompt a line, all generated in one run")
     n: int = option(4, "images per prompt")
@@ -272,8 +274,10 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         fill_from_model(self, {"guidance": PAPER_GUIDANCE})
-        if (self.prompt is None) == (self.prompts is None):
-            raise CustomDiffError("give a PROMPT or --prompts FILE (one of them)")
+        if isinstance(self.prompt, str):  # GenerateConfig("a red star") from code
+            object.__setattr__(self, "prompt", (self.prompt,))
+        if bool(self.prompt) == (self.prompts is not None):
+            raise CustomDiffError("give PROMPTs or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
             raise CustomDiffError("--n and --steps take positive numbers")
 
@@ -668,8 +672,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
         kwargs = _argparse_kwargs(hints[item.name])
         help_text = item.metadata["help"]
         if item.metadata.get("positional"):
-            if item.default is None:
-                kwargs.update(nargs="?", default=None)
+            if item.default is None:  # an optional one: none, or any number of a tuple's items
+                kwargs.update(nargs="*" if "nargs" in kwargs else "?", default=None)
             parser.add_argument(item.name, help=help_text, metavar=item.name.upper(), **kwargs)
             continue
         if kwargs.get("nargs"):
