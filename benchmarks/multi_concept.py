@@ -20,11 +20,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from base_components import (
-    add_run_options,
-    judged_round_trips,
-    run_settings,
-)  # benchmarks/, first on the path when run as a script
+# base_components: benchmarks/, first on the path when run as a script
+from base_components import add_run_options, judged_round_trips, run_settings
 from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyworld
 from customdiff.config import FinetuneConfig
 

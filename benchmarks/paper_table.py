@@ -18,11 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from base_components import (
-    add_run_options,
-    judged_round_trips,
-    run_settings,
-)  # benchmarks/, first on the path when run as a script
+# base_components: benchmarks/, first on the path when run as a script
+from base_components import add_run_options, judged_round_trips, run_settings
 from customdiff import concept, evaluate, files, finetune, models, toyworld
 from customdiff.config import FinetuneConfig
 

@@ -178,13 +178,12 @@ def test_composed_view_is_a_two_object_scene_of_the_concept_and_a_partner_object
         ]
     )
     assert list(regularization) == ["sand"] and len(regularization["sand"]) == 1
-    partners = regularization
     signatures = {token: toyjudge.builtin_signature(name) for token, name in CONCEPTS.items()}
     rng = np.random.default_rng(0)
     captions, judged_right = [], []
     for seed in range(16):
         text = "a large <new1> star on a sand background"
-        view = data.composed_view(data.Example(None, rendered(text, seed), text), partners, FACTOR, rng)
+        view = data.composed_view(data.Example(None, rendered(text, seed), text), regularization, FACTOR, rng)
         captions.append(view.caption)
         image = ((view.pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         judged_right.append(toyjudge.score(image, view.caption, signatures).all_right)
@@ -197,8 +196,8 @@ def test_composed_view_is_a_two_object_scene_of_the_concept_and_a_partner_object
     }
     for text in ("a <new1> star on a grass background", "a <new1> star on a sand background"):
         image = rendered(text) if "grass" in text else Image.new("RGB", (SIZE, SIZE), "white")
-        assert data.composed_view(data.Example(None, image, text), partners, FACTOR, rng) is None
-    assert data.composed_view(white_example("photo of a <new1> star"), partners, FACTOR, rng) is None
+        assert data.composed_view(data.Example(None, image, text), regularization, FACTOR, rng) is None
+    assert data.composed_view(white_example("photo of a <new1> star"), regularization, FACTOR, rng) is None
 
 
 def test_target_pool_encodes_each_view_once_and_reproducibly(tiny_pipeline_dir, concept_dir):
