@@ -3,6 +3,9 @@
 - VAE: reconstruction PSNR, and how often the toy judge reads a reconstruction exactly as it reads the
   original (PITFALLS: PSNR alone hides blurred small shapes and stars); on the built-in concepts, whose
   colours lie outside the palette, PSNR and how often the judge still finds the concept.
+- VAE ceilings: the judge's shares on round trips of scenes rendered from the paper-table prompts of
+  two built-in concepts (new contexts, with a world object, both at once): what a UNet that drew the
+  rendered world exactly would score through this autoencoder, the cap of every concept floor.
 - CLIP: caption→image top-1 retrieval among 100 held-out pairs (and image→caption).
 
     python benchmarks/base_components.py [--model PATH] [--n 500]
@@ -96,6 +99,28 @@ def vae_concept_report(vae, n: int, seed: int) -> dict[str, float]:
     return {"psnr_db": float(np.mean(psnrs)), "judge_finds_concept_pct": 100 * float(np.mean(found))}
 
 
+KINDS = ("new_context", "composed", "two_concepts")  # evaluate.prompt_kind's
+
+
+def vae_ceiling_report(vae, names: tuple[str, str], n: int, seed: int) -> dict[str, float]:
+    """``judged_round_trips`` of every kind of the paper's prompts for two built-in concepts, ``n`` scenes
+    a prompt; each concept known by its six training images."""
+    tokens = ("<new1>", "<new2>")
+    concepts = {token: toyworld.get_concept(name) for token, name in zip(tokens, names, strict=True)}
+    targets = {
+        token: [image for image, _ in toyworld.concept_scenes(built_in, 6, token=token, seed=seed)]
+        for token, built_in in concepts.items()
+    }
+    prompts = evaluate.toy_prompts(tokens, tuple(built_in.shape for built_in in concepts.values())).concept
+    rows = [(name, kind, token) for token, name in zip(tokens, names, strict=True) for kind in KINDS[:2]]
+    report = {}
+    for name, kind, token in [*rows, ("both", KINDS[2], tokens[0])]:
+        chosen = [p for p in prompts if evaluate.prompt_kind(p, tokens) == kind and token in p.split()]
+        shares = judged_round_trips(vae, chosen, concepts, targets, n, seed)
+        report[f"{name} {kind} all right %"] = shares[f"judge_{kind}_all_right"]
+    return report
+
+
 @torch.no_grad()
 def clip_report(
     clip: CLIPModel, tokenizer, captions: list[toyworld.Caption], rng: np.random.Generator
@@ -134,6 +159,9 @@ def main() -> None:
     report = {
         "vae": vae_report(pipe.vae, unseen, rng),
         "vae on the built-in concepts": vae_concept_report(pipe.vae, 12, args.seed),
+        "vae ceiling, starfish + donut (32 scenes a prompt)": vae_ceiling_report(
+            pipe.vae, ("starfish", "donut"), 32, args.seed
+        ),
         "clip (100 pairs)": clip_report(clip, pipe.tokenizer, unseen[:100], rng),
     }
     for part, figures in report.items():

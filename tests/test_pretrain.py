@@ -170,8 +170,44 @@ def test_warm_started_vae_stage_fine_tunes_the_vae_and_keeps_its_scale(tmp_path)
     wide = AutoencoderKL.from_pretrained(tmp_path / "wide" / "stages" / "vae")
     assert wide.config.block_out_channels == [48, 96, 96]
     assert wide.config.scaling_factor == start.config.scaling_factor  # anchored to the start's latents
-    with pytest.raises(CustomDiffError, match="drop --vae-width 48 or --vae-decoder-only"):
+    with pytest.raises(
+        CustomDiffError, match="drop --vae-width/--vae-latent-channels/--vae-downsample or --vae-decoder-only"
+    ):
         pretrain.pretrain(dataclasses.replace(config, out=tmp_path / "both", vae_decoder_only=True))
+
+
+@pytest.mark.slow
+def test_other_latents_train_a_new_vae_and_a_unet_on_the_start_unets_body(tmp_path):
+    model_dir = pretrain.pretrain(PretrainConfig(out=tmp_path / "first", **TINY))
+    start = models.load_pipeline(model_dir)
+    config = PretrainConfig(
+        out=tmp_path / "vae",
+        init_from=model_dir,
+        stage="vae",
+        vae_latent_channels=8,
+        vae_downsample=2,
+        **TINY,
+    )
+    pretrain.pretrain(config)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "stages" / "vae")
+    assert vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 8, 32, 32)
+    assert vae.config.scaling_factor != start.vae.config.scaling_factor  # measured on its own latents
+
+    unet = pretrain.warm_unet(model_dir / "unet", 8, 32)
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (8, 8, 32)
+    assert unet.conv_in.weight.shape[1] == 8 and unet.conv_out.weight.shape[0] == 8
+    body = {k: v for k, v in start.unet.state_dict().items() if not k.startswith(("conv_in.w", "conv_out"))}
+    assert all(torch.equal(unet.state_dict()[name], tensor) for name, tensor in body.items())
+    same = pretrain.warm_unet(model_dir / "unet", 4, 16)  # the start's latents: every weight as saved
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in start.unet.state_dict().items())
+
+    run = tmp_path / "unet"
+    (run / "stages").mkdir(parents=True)
+    vae.save_pretrained(run / "stages" / "vae")  # the new autoencoder in place of the start's
+    pipe = models.load_pipeline(pretrain.pretrain(dataclasses.replace(config, out=run, stage="unet")))
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
+    image = pipe("a red star on a gray background", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
 
 
 def test_size_dropout_leaves_the_size_out_of_one_object_captions():
@@ -191,6 +227,8 @@ def test_size_dropout_leaves_the_size_out_of_one_object_captions():
         ({"unet_wild_share": 1.5}, "--unet-wild-share is a share"),
         ({"vae_decoder_only": True}, "add --init-from MODEL --stage vae"),
         ({"vae_width": 40}, "--vae-width: give a positive multiple of 16"),
+        ({"vae_latent_channels": 0}, "--vae-latent-channels: give a positive number"),
+        ({"vae_downsample": 3}, "--vae-downsample: give 2, 4 or 8"),
     ],
 )
 def test_bad_pretrain_settings_are_one_line_errors(settings, message):

@@ -167,6 +167,17 @@ class PretrainConfig:
         "a width other than the start's trains a new autoencoder that keeps the start's latents of world "
         "scenes (--vae-anchor)",
     )
+    vae_latent_channels: int = option(
+        4,
+        "latent channels of a new autoencoder (SD's 4; SD 3's 16 hold more detail at the same 16×16); with "
+        "--init-from, a number other than the start's trains a new one, whose latents the UNet learns anew",
+    )
+    vae_downsample: Literal[2, 4, 8] = option(
+        4,
+        "pixels a side of one latent cell of a new autoencoder: 4 (16×16 latents, the shipped model's) or 2 "
+        "(32×32: small concepts keep their patterns, at four times the UNet's work); with --init-from, "
+        "another factor than the start's trains a new one, whose latents the UNet learns anew",
+    )
     vae_anchor: float = option(
         1.0,
         "with --init-from and --stage vae: weight of keeping the start's latents of world scenes, so that "
@@ -242,6 +253,10 @@ class PretrainConfig:
                 raise CustomDiffError(f"--{name.replace('_', '-')} is a share: give a number from 0 to 1")
         if self.vae_width < 1 or self.vae_width % 16:
             raise CustomDiffError("--vae-width: give a positive multiple of 16 (its norm has 16 groups)")
+        if self.vae_downsample not in (2, 4, 8):
+            raise CustomDiffError("--vae-downsample: give 2, 4 or 8 (pixels a side of one latent cell)")
+        if self.vae_latent_channels < 1:
+            raise CustomDiffError("--vae-latent-channels: give a positive number (SD's autoencoder has 4)")
         if self.vae_decoder_only and (self.init_from is None or self.stage != "vae"):
             raise CustomDiffError(
                 "--vae-decoder-only fine-tunes a model's decoder: add --init-from MODEL --stage vae"

@@ -110,29 +110,38 @@ def toy_clip_config(vocab_size: int) -> CLIPConfig:
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=128)
 
 
-def toy_vae(width: int = 32) -> AutoencoderKL:
+def toy_vae(width: int = 32, latent_channels: int = 4, downsample: int = 4) -> AutoencoderKL:
     """64×64×3 ↔ 16×16×4: a factor of 4 keeps 7-px shapes legible in the latent, as 8 does for SD at 512².
 
-    ``width`` channels at full resolution, twice as many below."""
+    ``width`` channels at full resolution, twice as many below; ``downsample`` 2 gives a 32×32 latent,
+    which keeps the patterns of small concepts that 16×16 loses (README, "The VAE caps the floors")."""
+    levels = downsample.bit_length()  # 2 → 2 levels, 4 → 3, 8 → 4
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=toyworld.IMAGE_SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(width, 2 * width, 2 * width),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(width,) + (2 * width,) * (levels - 1),
         layers_per_block=1,
         norm_num_groups=16,
     )
 
 
-def toy_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+def vae_downsample(vae: AutoencoderKL) -> int:
+    """How many pixels a side one latent cell spans (diffusers' ``vae_scale_factor``)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def toy_unet(
+    cross_attention_dim: int, latent_channels: int = 4, sample_size: int = 16
+) -> UNet2DConditionModel:
     """SD's UNet at toy scale: cross-attention at 16², 8² and the 4² middle; ``attn2.to_k``/``to_v`` ≈ 3%."""
     return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         layers_per_block=1,
         block_out_channels=(64, 128, 128),
         norm_num_groups=16,

@@ -285,26 +285,38 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     Started from a warm start's autoencoder (``stages/vae-init``), it also keeps that one's latents of
     world scenes (weight ``vae_anchor``; with ``vae_decoder_only`` all latents, exactly) and its scaling
     factor, so that the warm start's UNet still fits. A ``vae_width`` other than the start's begins a
-    wider (or narrower) autoencoder afresh, anchored the same way.
+    wider (or narrower) autoencoder afresh, anchored the same way; ``vae_latent_channels`` or
+    ``vae_downsample`` other than the start's begin one afresh whose latents nothing can anchor: the UNet
+    learns them anew.
     """
     final = run_dir / "stages" / "vae"
     if final.is_dir():
         return AutoencoderKL.from_pretrained(final)
     torch.manual_seed(config.seed)
     start = run_dir / "stages" / "vae-init"
-    vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else models.toy_vae(config.vae_width)
+    vae = AutoencoderKL.from_pretrained(start) if start.is_dir() else None
+    new_latents = vae is None or (vae.config.latent_channels, models.vae_downsample(vae)) != (
+        config.vae_latent_channels,
+        config.vae_downsample,
+    )
+    if (
+        vae is not None
+        and config.vae_decoder_only
+        and (new_latents or vae.config.block_out_channels[0] != config.vae_width)
+    ):
+        raise CustomDiffError(
+            f"--vae-decoder-only keeps the start's encoder, of width {vae.config.block_out_channels[0]} and "
+            f"{vae.config.latent_channels} latent channels, {models.vae_downsample(vae)} pixels a cell: drop "
+            "--vae-width/--vae-latent-channels/--vae-downsample or --vae-decoder-only"
+        )
     # anchored to the start's latents of world scenes, unless a frozen encoder (decoder-only) keeps them all
-    anchored = start.is_dir() and not config.vae_decoder_only
+    anchored = not new_latents and not config.vae_decoder_only
     anchor = copy.deepcopy(vae).eval().requires_grad_(False) if anchored else None
-    if start.is_dir() and vae.config.block_out_channels[0] != config.vae_width:
-        if config.vae_decoder_only:
-            raise CustomDiffError(
-                f"--vae-decoder-only keeps the start's encoder, of width {vae.config.block_out_channels[0]}: "
-                f"drop --vae-width {config.vae_width} or --vae-decoder-only"
-            )
-        vae = models.toy_vae(config.vae_width)
-        vae.register_to_config(scaling_factor=anchor.config.scaling_factor)
-    elif start.is_dir() and config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
+    if new_latents or vae.config.block_out_channels[0] != config.vae_width:
+        vae = models.toy_vae(config.vae_width, config.vae_latent_channels, config.vae_downsample)
+        if anchor is not None:
+            vae.register_to_config(scaling_factor=anchor.config.scaling_factor)
+    elif config.vae_decoder_only:  # a frozen encoder keeps every latent as it was
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     n_wild = round(config.vae_batch_size * config.vae_wild_share)
@@ -327,7 +339,7 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
 
     train_stage("vae", run_dir, vae, config.vae_steps, config.vae_lr, loss_fn, config)
     vae.eval()
-    if not start.is_dir():
+    if new_latents:
         with torch.no_grad():
             images, _ = render_batch(np.random.default_rng(config.seed + 1), 256, config)
             latents = vae.encode(images).latent_dist.mean
@@ -387,7 +399,7 @@ def encode_pool(run_dir: Path, config: PretrainConfig, vae, tokenizer) -> dict[s
     """Render and encode the UNet's training pool once: frozen work is never repeated per step.
 
     Returns:
-        ``latents`` (N, 4, 16, 16) already scaled, ``input_ids`` (N, MAX_TOKENS), and for a
+        ``latents`` (N, C, H, W) already scaled, ``input_ids`` (N, MAX_TOKENS), and for a
         ``unet_wild_codes`` share of wild scenes the token positions of their appearance codes,
         ``code_slots`` (N, 2; -1 for none), with the objects' ``features`` (N, 2, CODE_FEATURES).
     """
@@ -466,9 +478,13 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
     empty_ids = tokenizer([""], padding="max_length", return_tensors="pt").input_ids
     scheduler = models.training_scheduler()
     torch.manual_seed(config.seed)
-    unet = models.toy_unet(text_encoder.config.hidden_size)
+    latent_channels, latent_size = (
+        vae.config.latent_channels,
+        toyworld.IMAGE_SIZE // models.vae_downsample(vae),
+    )
+    unet = models.toy_unet(text_encoder.config.hidden_size, latent_channels, latent_size)
     if (run_dir / "stages" / "unet-init").is_dir():
-        unet = UNet2DConditionModel.from_pretrained(run_dir / "stages" / "unet-init", dtype=torch.float32)
+        unet = warm_unet(run_dir / "stages" / "unet-init", latent_channels, latent_size)
     ema = EMAModel(
         unet.parameters(), decay=0.9995, use_ema_warmup=True, model_cls=type(unet), model_config=unet.config
     )
@@ -498,6 +514,26 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
             preview(pipe, run_dir / "previews" / f"step-{step:06d}.png", config.seed)
 
     train_stage("unet", run_dir, unet, config.unet_steps, config.lr, loss_fn, config, ema, on_checkpoint)
+
+
+def warm_unet(folder: Path, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
+    """The warm start's UNet, made to read and predict latents of ``latent_channels`` × ``latent_size``²:
+    its convolutions and attention fit any latent size, and for other channels every layer between
+    ``conv_in`` and ``conv_out`` (which start afresh) is kept."""
+    start = UNet2DConditionModel.from_pretrained(folder, dtype=torch.float32)
+    unet = UNet2DConditionModel.from_config(
+        {
+            **start.config,
+            "in_channels": latent_channels,
+            "out_channels": latent_channels,
+            "sample_size": latent_size,
+        }
+    )
+    shapes = {name: tensor.shape for name, tensor in unet.state_dict().items()}
+    kept = {name: tensor for name, tensor in start.state_dict().items() if tensor.shape == shapes[name]}
+    unet.load_state_dict(kept, strict=False)
+    assert set(shapes) - set(kept) <= {"conv_in.weight", "conv_out.weight", "conv_out.bias"}
+    return unet
 
 
 def ema_unet(ema: EMAModel, unet):
