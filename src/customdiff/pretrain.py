@@ -299,11 +299,8 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
         config.vae_latent_channels,
         config.vae_downsample,
     )
-    if (
-        vae is not None
-        and config.vae_decoder_only
-        and (new_latents or vae.config.block_out_channels[0] != config.vae_width)
-    ):
+    fresh = new_latents or vae.config.block_out_channels[0] != config.vae_width
+    if fresh and vae is not None and config.vae_decoder_only:
         raise CustomDiffError(
             f"--vae-decoder-only keeps the start's encoder, of width {vae.config.block_out_channels[0]} and "
             f"{vae.config.latent_channels} latent channels, {models.vae_downsample(vae)} pixels a cell: drop "
@@ -312,7 +309,7 @@ def train_vae(run_dir: Path, config: PretrainConfig) -> torch.nn.Module:
     # anchored to the start's latents of world scenes, unless a frozen encoder (decoder-only) keeps them all
     anchored = not new_latents and not config.vae_decoder_only
     anchor = copy.deepcopy(vae).eval().requires_grad_(False) if anchored else None
-    if new_latents or vae.config.block_out_channels[0] != config.vae_width:
+    if fresh:
         vae = models.toy_vae(config.vae_width, config.vae_latent_channels, config.vae_downsample)
         if anchor is not None:
             vae.register_to_config(scaling_factor=anchor.config.scaling_factor)
