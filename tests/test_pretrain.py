@@ -204,10 +204,36 @@ def test_other_latents_train_a_new_vae_and_a_unet_on_the_start_unets_body(tmp_pa
     run = tmp_path / "unet"
     (run / "stages").mkdir(parents=True)
     vae.save_pretrained(run / "stages" / "vae")  # the new autoencoder in place of the start's
-    pipe = models.load_pipeline(pretrain.pretrain(dataclasses.replace(config, out=run, stage="unet")))
+    config = dataclasses.replace(config, out=run, stage="unet", unet_plain_top_level=True)
+    pipe = models.load_pipeline(pretrain.pretrain(config))
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
+    assert len(pipe.unet.config.block_out_channels) == len(start.unet.config.block_out_channels) + 1
     image = pipe("a red star on a gray background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_a_plain_top_level_keeps_the_start_unet_whole_as_its_body(tmp_path):
+    start = models.toy_unet(cross_attention_dim=32)
+    start.save_pretrained(tmp_path / "unet")
+    unet = pretrain.warm_unet(tmp_path / "unet", 4, 32, plain_top_level=True)
+    assert unet.config.down_block_types[0] == "DownBlock2D" and unet.config.up_block_types[-1] == "UpBlock2D"
+    assert not hasattr(unet.down_blocks[0], "attentions") and not hasattr(unet.up_blocks[-1], "attentions")
+    weights = unet.state_dict()
+    for name, tensor in start.state_dict().items():
+        if name.startswith("down_blocks."):
+            index, rest = name.removeprefix("down_blocks.").split(".", 1)
+            name = f"down_blocks.{int(index) + 1}.{rest}"
+        assert torch.equal(weights[name], tensor), name
+
+    def kv_names(state: dict) -> list[str]:
+        return [name for name in state if ".attn2.to_k." in name or ".attn2.to_v." in name]
+
+    assert len(kv_names(weights)) == len(kv_names(start.state_dict())) == 14  # the new level adds none
+    fresh = models.toy_unet(cross_attention_dim=32, sample_size=32, plain_top_level=True)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in weights.items()}
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 32, 32), 10, torch.randn(1, 5, 32)).sample
+    assert out.shape == (1, 4, 32, 32)
 
 
 def test_size_dropout_leaves_the_size_out_of_one_object_captions():

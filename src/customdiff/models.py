@@ -135,10 +135,11 @@ def vae_downsample(vae: AutoencoderKL) -> int:
 
 
 def toy_unet(
-    cross_attention_dim: int, latent_channels: int = 4, sample_size: int = 16
+    cross_attention_dim: int, latent_channels: int = 4, sample_size: int = 16, plain_top_level: bool = False
 ) -> UNet2DConditionModel:
-    """SD's UNet at toy scale: cross-attention at 16², 8² and the 4² middle; ``attn2.to_k``/``to_v`` ≈ 3%."""
-    return UNet2DConditionModel(
+    """SD's UNet at toy scale: cross-attention at 16², 8² and the 4² middle; ``attn2.to_k``/``to_v`` ≈ 3%.
+    With ``plain_top_level``, a level without attention above them (``with_plain_top_level``)."""
+    config = dict(
         sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -150,6 +151,19 @@ def toy_unet(
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
     )
+    return UNet2DConditionModel(**(with_plain_top_level(config) if plain_top_level else config))
+
+
+def with_plain_top_level(config: dict) -> dict:
+    """A UNet config with one more level on top, as wide as the old top one and without attention (SDXL's
+    top level): it reads latents twice as fine while every old level keeps its resolution, channels and
+    weight shapes, one index down the down path (``down_blocks.i`` → ``down_blocks.i+1``), as it was up."""
+    return {
+        **config,
+        "block_out_channels": (config["block_out_channels"][0], *config["block_out_channels"]),
+        "down_block_types": ("DownBlock2D", *config["down_block_types"]),
+        "up_block_types": (*config["up_block_types"], "UpBlock2D"),
+    }
 
 
 def recommended_guidance(pipe) -> float:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -479,9 +480,10 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
         vae.config.latent_channels,
         toyworld.IMAGE_SIZE // models.vae_downsample(vae),
     )
-    unet = models.toy_unet(text_encoder.config.hidden_size, latent_channels, latent_size)
+    top = config.unet_plain_top_level
+    unet = models.toy_unet(text_encoder.config.hidden_size, latent_channels, latent_size, top)
     if (run_dir / "stages" / "unet-init").is_dir():
-        unet = warm_unet(run_dir / "stages" / "unet-init", latent_channels, latent_size)
+        unet = warm_unet(run_dir / "stages" / "unet-init", latent_channels, latent_size, top)
     ema = EMAModel(
         unet.parameters(), decay=0.9995, use_ema_warmup=True, model_cls=type(unet), model_config=unet.config
     )
@@ -513,23 +515,32 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
     train_stage("unet", run_dir, unet, config.unet_steps, config.lr, loss_fn, config, ema, on_checkpoint)
 
 
-def warm_unet(folder: Path, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
+def warm_unet(
+    folder: Path, latent_channels: int, latent_size: int, plain_top_level: bool = False
+) -> UNet2DConditionModel:
     """The warm start's UNet, made to read and predict latents of ``latent_channels`` × ``latent_size``²:
     its convolutions and attention fit any latent size, and for other channels every layer between
-    ``conv_in`` and ``conv_out`` (which start afresh) is kept."""
+    ``conv_in`` and ``conv_out`` (which start afresh) is kept. With ``plain_top_level`` the start UNet
+    becomes the body beneath a new top level (``models.with_plain_top_level``)."""
     start = UNet2DConditionModel.from_pretrained(folder, dtype=torch.float32)
-    unet = UNet2DConditionModel.from_config(
-        {
-            **start.config,
-            "in_channels": latent_channels,
-            "out_channels": latent_channels,
-            "sample_size": latent_size,
+    config = {
+        **start.config,
+        "in_channels": latent_channels,
+        "out_channels": latent_channels,
+        "sample_size": latent_size,
+    }
+    weights = start.state_dict()
+    if plain_top_level:
+        config = models.with_plain_top_level(config)
+        weights = {
+            re.sub(r"^down_blocks\.(\d+)\.", lambda m: f"down_blocks.{int(m[1]) + 1}.", name): tensor
+            for name, tensor in weights.items()
         }
-    )
+    unet = UNet2DConditionModel.from_config(config)
     shapes = {name: tensor.shape for name, tensor in unet.state_dict().items()}
-    kept = {name: tensor for name, tensor in start.state_dict().items() if tensor.shape == shapes[name]}
+    kept = {name: tensor for name, tensor in weights.items() if tensor.shape == shapes[name]}
     unet.load_state_dict(kept, strict=False)
-    assert set(shapes) - set(kept) <= {"conv_in.weight", "conv_out.weight", "conv_out.bias"}
+    assert set(weights) - set(kept) <= {"conv_in.weight", "conv_out.weight", "conv_out.bias"}
     return unet
 
 
