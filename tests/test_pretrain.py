@@ -10,7 +10,7 @@ import transformers
 from diffusers import AutoencoderKL
 
 from customdiff import models, pretrain, toyworld
-from customdiff.config import PretrainConfig
+from customdiff.config import MODEL_DEFAULTS_FILE, PretrainConfig
 from customdiff.errors import CustomDiffError
 
 TINY = dict(
@@ -201,6 +201,7 @@ def test_other_latents_train_a_new_vae_and_a_unet_on_the_start_unets_body(tmp_pa
     same = pretrain.warm_unet(model_dir / "unet", 4, 16)  # the start's latents: every weight as saved
     assert all(torch.equal(same.state_dict()[k], v) for k, v in start.unet.state_dict().items())
 
+    (model_dir / MODEL_DEFAULTS_FILE).write_text("[generate]\nguidance = 4.0\n")  # as the shipped one has
     run = tmp_path / "unet"
     (run / "stages").mkdir(parents=True)
     vae.save_pretrained(run / "stages" / "vae")  # the new autoencoder in place of the start's
@@ -208,6 +209,7 @@ def test_other_latents_train_a_new_vae_and_a_unet_on_the_start_unets_body(tmp_pa
     pipe = models.load_pipeline(pretrain.pretrain(config))
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
     assert len(pipe.unet.config.block_out_channels) == len(start.unet.config.block_out_channels) + 1
+    assert models.recommended_guidance(pipe) == 4.0  # the start's own defaults came along
     image = pipe("a red star on a gray background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
 

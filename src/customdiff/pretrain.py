@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from customdiff import files, models, toyworld
-from customdiff.config import PretrainConfig, save_config
+from customdiff.config import MODEL_DEFAULTS_FILE, PretrainConfig, save_config
 from customdiff.errors import CustomDiffError
 from customdiff.files import image_grid, save_png
 
@@ -509,7 +510,7 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
         if step % config.export_every == 0 or step == config.unet_steps:
             pipe = assemble_pipeline(vae, text_encoder, tokenizer, ema_unet(ema, unet))
             split = {"held_out": list(config.held_out), "unseen_every": config.unseen_every}
-            save_pipeline(pipe, clip, run_dir / "model", split)
+            save_pipeline(pipe, clip, run_dir / "model", split, run_dir / "stages" / MODEL_DEFAULTS_FILE)
             preview(pipe, run_dir / "previews" / f"step-{step:06d}.png", config.seed)
 
     train_stage("unet", run_dir, unet, config.unet_steps, config.lr, loss_fn, config, ema, on_checkpoint)
@@ -565,7 +566,9 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipe
     )
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, clip: CLIPModel, out: Path, split: dict) -> None:
+def save_pipeline(
+    pipe: StableDiffusionPipeline, clip: CLIPModel, out: Path, split: dict, defaults: Path | None = None
+) -> None:
     """Save the pipeline with CLIP in ``clip/``, swapped in whole.
 
     The pipeline stays float32, so that a plain ``StableDiffusionPipeline.from_pretrained(out)`` runs on a
@@ -577,6 +580,8 @@ def save_pipeline(pipe: StableDiffusionPipeline, clip: CLIPModel, out: Path, spl
         clip.to(torch.float16).save_pretrained(partial / "clip", safe_serialization=True)
         clip.to(torch.float32)
         (partial / SPLIT_FILE).write_text(json.dumps(split))
+        if defaults is not None and defaults.is_file():
+            shutil.copyfile(defaults, partial / MODEL_DEFAULTS_FILE)
 
 
 def unseen_captions(
@@ -639,7 +644,9 @@ def pretrain(config: PretrainConfig) -> Path:
 
 def warm_start(run_dir: Path, model_dir: Path, stage: str) -> None:
     """Take a pretrained toy model's tokenizer, CLIP and VAE as finished stages (for ``--stage vae`` its VAE
-    is the start of that stage instead); its UNet seeds the UNet's."""
+    is the start of that stage instead); its UNet seeds the UNet's, and the model it becomes keeps the
+    start's own defaults (``MODEL_DEFAULTS_FILE``: without them a continued toy model would train concepts
+    with the paper's settings, which fail on it)."""
     stages = run_dir / "stages"
     vae_stage = "vae-init" if stage == "vae" else "vae"  # --stage vae fine-tunes the VAE, else it is kept
     for part, load, target in (
@@ -650,6 +657,8 @@ def warm_start(run_dir: Path, model_dir: Path, stage: str) -> None:
             load(model_dir / part, dtype=torch.float32).save_pretrained(stages / target)
     if not (stages / "tokenizer").is_dir():
         CLIPTokenizer.from_pretrained(model_dir / "tokenizer").save_pretrained(stages / "tokenizer")
+    if (model_dir / MODEL_DEFAULTS_FILE).is_file() and not (stages / MODEL_DEFAULTS_FILE).is_file():
+        shutil.copyfile(model_dir / MODEL_DEFAULTS_FILE, stages / MODEL_DEFAULTS_FILE)
     if not (stages / "unet-init").is_dir():
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=torch.float32)
         unet.save_pretrained(stages / "unet-init")
