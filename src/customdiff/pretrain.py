@@ -481,10 +481,12 @@ def train_unet(run_dir: Path, config: PretrainConfig, vae, clip: CLIPModel, toke
         vae.config.latent_channels,
         toyworld.IMAGE_SIZE // models.vae_downsample(vae),
     )
-    top = config.unet_plain_top_level
-    unet = models.toy_unet(text_encoder.config.hidden_size, latent_channels, latent_size, top)
-    if (run_dir / "stages" / "unet-init").is_dir():
-        unet = warm_unet(run_dir / "stages" / "unet-init", latent_channels, latent_size, top)
+    init, plain_top_level = run_dir / "stages" / "unet-init", config.unet_plain_top_level
+    unet = (
+        warm_unet(init, latent_channels, latent_size, plain_top_level)
+        if init.is_dir()
+        else models.toy_unet(text_encoder.config.hidden_size, latent_channels, latent_size, plain_top_level)
+    )
     ema = EMAModel(
         unet.parameters(), decay=0.9995, use_ema_warmup=True, model_cls=type(unet), model_config=unet.config
     )
