@@ -239,7 +239,7 @@ def sample_batch(
     Every concept gets ``batch_size`` images, with regularization half target views and half images of its
     own class, so a joint run gives each concept the step it would get alone (§3.2, joint training): one
     shared batch, each concept holding a share of it, drew the concepts in new contexts in 33.9% of
-    samples against 58.9% (README).
+    samples against 58.9% (docs/findings.md).
     """
     n_reg = batch_size // 2 if regs[0] is not None else 0
     pools = [pool for pool in targets for _ in range(batch_size - n_reg)]
@@ -334,7 +334,7 @@ def prepare_data(
             config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
         )
         scale, seed = pipe.vae_scale_factor, config.seed
-        targets.append(  # a joint run's concepts never share a view: that cost them (README, "Joint")
+        targets.append(  # a joint run's concepts never share a view: that cost them (docs/findings.md)
             data.target_pool(
                 pipe.vae, own, scale, seed, config.augment, config.flip, reg_images, config.composed_views
             )

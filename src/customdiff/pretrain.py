@@ -149,7 +149,7 @@ def appearance_codes(features: torch.Tensor, text_encoder, tokenizer) -> torch.T
     that space names, as Stable Diffusion's countless words teach it. That continuous space is what a
     concept's K/V steer (the paper's premise); a UNet that knew only eight colour words could not draw a
     concept's. After the encoder, the map from a look to its features is linear, which codes fed in as
-    token embeddings were not (the README says how far either has got).
+    token embeddings were not (docs/findings.md says how far either has got).
     """
     captions = [f"a large {color} star on a gray background" for color in toyworld.COLORS]
     ids = tokenizer(captions, padding="max_length", return_tensors="pt").input_ids.to(text_encoder.device)
