@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--which", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    minimum = WARMUP_STEPS + finetune.LOG_EVERY  # timed from the first logged step after the warm-up
+    if args.steps < minimum:
+        parser.error(f"--steps {args.steps}: pass at least {minimum}, the warm-up and one logged interval")
     concept = toyworld.get_concept(args.concept)
     args.class_word = concept.shape
 
