@@ -114,8 +114,8 @@ def toy_vae(width: int = 32, latent_channels: int = 4, downsample: int = 4) -> A
     """64×64×3 ↔ 16×16×4: a factor of 4 keeps 7-px shapes legible in the latent, as 8 does for SD at 512².
 
     ``width`` channels at full resolution, twice as many below; ``downsample`` 2 gives a 32×32 latent, which
-    keeps the patterns of small concepts that 16×16 loses (docs/findings.md, "A finer
-    latent holds the concepts")."""
+    keeps the patterns of small concepts that 16×16 loses
+    (docs/findings.md, "A finer latent holds the concepts")."""
     levels = downsample.bit_length()  # 2 → 2 levels, 4 → 3, 8 → 4
     return AutoencoderKL(
         in_channels=3,
