@@ -395,7 +395,11 @@ class FinetuneConfig:
         "prompt)",
         metavar="PROMPT",
     )
-    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "mixed precision (fp16 or bf16 on GPU)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option(
+        "no",
+        "autocast precision: bf16 for a model of Stable Diffusion's size on a GPU or a CPU with AMX "
+        "(1.5× faster here); the toy model is faster in no",
+    )
     gradient_checkpointing: bool = option(
         False, "recompute UNet activations in the backward pass to save memory"
     )
