@@ -37,6 +37,8 @@ def test_load_examples_keeps_captions_fits_images_and_uses_the_template(concept_
     with pytest.warns(UserWarning, match="single image"):
         (example,) = data.load_examples(plain, 32, TOKEN, "star")
     assert example.caption == "photo of a <new1> star" and example.image.size == (32, 32)
+    with pytest.warns(UserWarning, match="no caption names the class word ring; pass the class"):
+        data.load_examples(concept_dir, 32, TOKEN, "ring")  # its captions say star
 
 
 def test_uncaptioned_toy_images_are_captioned_in_the_grammar_as_the_judge_reads_them(tmp_path):

@@ -257,12 +257,17 @@ def test_two_cpu_processes_train_one_concept(model, request, concept_dir, tmp_pa
     assert all(delta.abs().sum() > 0 for delta in trained.deltas.values())
 
 
-def test_a_class_word_the_tokenizer_lacks_is_named(tiny_pipeline_dir, tmp_path):
-    (tmp_path / "bare").mkdir()
-    for index, (image, _) in enumerate(toyworld.concept_scenes(toyworld.get_concept("starfish"), 4)):
-        files.save_png(tmp_path / "bare" / f"{index}.png", image)  # no captions: the template names the class
-    config = FinetuneConfig(tmp_path / "bare", "dog", out=tmp_path / "out", reg="none", steps=1)
-    with pytest.raises(CustomDiffError, match='"dog"'):
+@pytest.mark.parametrize("captioned", [False, True])
+def test_a_class_word_the_tokenizer_lacks_is_named(tiny_pipeline_dir, tmp_path, captioned):
+    scenes = toyworld.concept_scenes(toyworld.get_concept("starfish"), 4)
+    if captioned:  # the captions say star, but eval and merge would prompt with the class word
+        files.write_image_folder(tmp_path / "images", scenes)
+    else:  # no captions: the template names the class
+        (tmp_path / "images").mkdir()
+        for index, (image, _) in enumerate(scenes):
+            files.save_png(tmp_path / "images" / f"{index}.png", image)
+    config = FinetuneConfig(tmp_path / "images", "dog", out=tmp_path / "out", reg="none", steps=1)
+    with pytest.raises(CustomDiffError, match='class word of .*images: .*"dog"'):
         finetune.train(config, models.load_pipeline(tiny_pipeline_dir))
 
 

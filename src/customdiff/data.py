@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -125,6 +126,11 @@ def load_examples(
         examples.append(Example(path, image, caption))
     if len(examples) == 1:
         warnings.warn(f"{folder} holds a single image; the paper uses 4-20 per concept", stacklevel=2)
+    if not any(re.search(rf"\b{re.escape(class_word)}\b", example.caption) for example in examples):
+        warnings.warn(  # its regularization follows the captions, but eval and merge prompt with the word
+            f"{folder}: no caption names the class word {class_word}; pass the class its captions name",
+            stacklevel=2,
+        )
     return examples
 
 

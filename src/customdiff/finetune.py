@@ -328,7 +328,7 @@ def prepare_data(
     targets, regs = [], []
     for own, own_captions in zip(examples, captions, strict=True):
         prompts = data.class_prompts(own_captions, tokens)
-        for prompt in prompts:  # a class word or caption word the tokenizer cannot spell fails here
+        for prompt in prompts:  # a caption word the tokenizer cannot spell fails here
             models.check_prompt(pipe.tokenizer, prompt)
         reg_images = data.regularization_images(
             config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
@@ -393,6 +393,11 @@ def train(
     tokens = [spec.token for spec in specs]
     for prompt in config.preview_prompts:  # a misspelt one fails before the long set-up, not at a preview
         models.check_prompt(pipe.tokenizer, prompt, tokens)
+    for spec in specs:  # eval and merge prompt with the class word, even when every image has a caption
+        try:
+            models.check_prompt(pipe.tokenizer, spec.class_word)
+        except CustomDiffError as error:
+            raise CustomDiffError(f"the class word of {spec.images}: {error}") from None
     with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
         captions, targets, regs = prepare_data(config, pipe)
     prompts = list(config.preview_prompts) or preview_prompts(captions, tokens)
