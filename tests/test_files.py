@@ -77,6 +77,17 @@ def test_folder_without_images_is_an_error(tmp_path):
         files.read_image_folder(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("key", files.CAPTION_KEYS)
+def test_metadata_captions_are_read_under_the_common_column_names(tmp_path, key):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "b.png")
+    entries = [{"file_name": "a.png", key: "a red square"}, {"file_name": "b.png", "label": 3}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(entry) for entry in entries))
+    (tmp_path / "b.txt").write_text("a blue square\n")  # b has no caption column: its .txt is read
+    captions = [caption for _, _, caption in files.read_image_folder(tmp_path)]
+    assert captions == ["a red square", "a blue square"]
+
+
 def test_bad_metadata_line_is_named(scene_folder):
     with open(scene_folder / "metadata.jsonl", "a") as handle:
         handle.write('{"text": "no file name"}\n')

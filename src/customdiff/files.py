@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from customdiff.errors import CustomDiffError
 
 METADATA_FILE_NAME = "metadata.jsonl"
+CAPTION_KEYS = ("text", "caption", "prompt")  # metadata.jsonl's caption column, as datasets commonly name it
 NUMBERED_PNG = re.compile(r"^(\d{5,})\.png$")  # the names write_image_folder gives
 _NOT_IMAGES = (".jsonl", ".json", ".txt", ".toml")  # captions and run records kept beside images
 
@@ -120,7 +121,8 @@ def write_image_folder(out: Path, pairs: Iterable[tuple[np.ndarray | Image.Image
 
 
 def _read_metadata(folder: Path) -> dict[str, str]:
-    """file_name → text from a folder's metadata.jsonl (empty when there is none)."""
+    """file_name → caption (its first ``CAPTION_KEYS`` column) from a folder's metadata.jsonl (empty when
+    there is none)."""
     path = folder / METADATA_FILE_NAME
     if not path.is_file():
         return {}
@@ -130,7 +132,7 @@ def _read_metadata(folder: Path) -> dict[str, str]:
             continue
         try:
             entry = json.loads(line)
-            captions[entry["file_name"]] = entry.get("text")
+            captions[entry["file_name"]] = next((entry[key] for key in CAPTION_KEYS if key in entry), None)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CustomDiffError(
                 f'{path}, line {number}: expected a JSON object with "file_name" and "text" ({error})'
@@ -160,9 +162,9 @@ def open_image(path: Path) -> Image.Image:
 def read_image_folder(folder: Path) -> list[tuple[Path, Image.Image, str | None]]:
     """Read every image in a flat folder with its caption, sorted by file name.
 
-    Captions come from metadata.jsonl (``file_name``, ``text``) or else from a ``.txt`` file beside the
-    image (``0001.png`` → ``0001.txt``); None when neither has one. Files that are not readable images are
-    skipped with a warning, as long as some image remains.
+    Captions come from metadata.jsonl (``file_name``, and ``text``, ``caption`` or ``prompt``) or else from
+    a ``.txt`` file beside the image (``0001.png`` → ``0001.txt``); None when neither has one. Files that
+    are not readable images are skipped with a warning, as long as some image remains.
 
     Returns:
         (path, RGB image, caption or None) for each image.
