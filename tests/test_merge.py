@@ -196,6 +196,24 @@ def test_merging_one_concept_returns_it(tiny_pipeline_dir, random_concept):
     assert merge.merge_concepts(pipe, [only], ["a red star on a gray background"])[0] is only
 
 
+def test_clashing_tokens_get_the_first_newn_no_concept_uses(tiny_pipeline_dir, random_concept):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    star, ring = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
+    joint = dataclasses.replace(star, tokens=("<new1>", "<new2>"))  # two tokens, as a joint run writes
+    concepts, renames = merge.free_clashing_tokens([joint, star, ring, joint])
+    assert renames == [
+        {},
+        {"<new1>": "<new3>"},
+        {"<new2>": "<new4>"},
+        {"<new1>": "<new5>", "<new2>": "<new6>"},
+    ]
+    tokens = [c.tokens for c in concepts]
+    assert tokens == [("<new1>", "<new2>"), ("<new3>",), ("<new4>",), ("<new5>", "<new6>")]
+    assert concepts[1].captions == tuple(caption.replace("<new1>", "<new3>") for caption in star.captions)
+    assert concepts[1].token_embeddings is star.token_embeddings and concepts[1].deltas is star.deltas
+    merge.check_mergeable(concepts, ["a", "b", "c", "d"])  # no clash left
+
+
 def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
     run_cli, tiny_pipeline_dir, tmp_path, random_concept
 ):
@@ -224,6 +242,21 @@ def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
         "merge", tmp_path / "new1", clash, "--model", tiny_pipeline_dir, "-o", tmp_path / "x"
     )
     assert code == 2 and "both use the token <new1>" in err and len(err.splitlines()) == 1
+    # the ring concept trained as <new1> too: --rename-tokens merges it as if it had been trained as <new2>
+    ring_as_new1 = merge.rename_tokens(concept.load_concept(tmp_path / "new2"), {"<new2>": "<new1>"})
+    ring_captions = tuple(caption.replace("<new2>", "<new1>") for caption in CAPTIONS["<new2>"])
+    assert ring_as_new1.captions == ring_captions
+    concept.save_concept(tmp_path / "ring1", ring_as_new1)
+    code, out, err = run_cli(
+        "merge", tmp_path / "new1", tmp_path / "ring1", "--rename-tokens", "--model", tiny_pipeline_dir,
+        "-o", tmp_path / "renamed",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"{tmp_path / 'ring1' / 'concept.safetensors'}: <new1> is <new2> in the merged concept" in out
+    renamed, expected = concept.load_concept(tmp_path / "renamed"), concept.load_concept(tmp_path / "merged")
+    assert renamed.tokens == expected.tokens and renamed.captions == expected.captions
+    for name, delta in expected.deltas.items():
+        assert torch.allclose(renamed.deltas[name], delta, atol=1e-6)
     other_base = tmp_path / "other"
     foreign = random_concept(pipe, "<new2>", 4)
     concept.save_concept(other_base, concept.Concept(**{**foreign.__dict__, "base_hash": "000000000000"}))

@@ -147,7 +147,9 @@ def compress(config: CompressConfig) -> None:
 def merge(config: MergeConfig) -> None:
     from customdiff import merge as merging
 
-    path, merged, report = merging.run_merge(config)
+    path, merged, report, renamed = merging.run_merge(config)
+    for line in renamed:
+        print(line)
     residual = {
         "constrained": "largest constraint residual",
         "weighted": "output error on the concepts' captions and contexts",

@@ -569,6 +569,11 @@ class MergeConfig:
         "word, with its token put in (0: its own captions alone)",
     )
     seed: int = option(0, "random seed of the sampled toy-world captions")
+    rename_tokens: bool = option(
+        False,
+        "give a token that an earlier concept already uses (each trained as <new1>) the first free <newN>, "
+        "instead of refusing the merge",
+    )
 
     def __post_init__(self) -> None:
         if self.num_reg_captions < 1:

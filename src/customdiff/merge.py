@@ -42,6 +42,7 @@ caption naming its class word, with its token in), weighted to ``context_share``
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -90,9 +91,37 @@ def check_mergeable(concepts: list[Concept], names: list[str]) -> None:
         for token in concept.tokens:
             if token in seen:
                 raise CustomDiffError(
-                    f"{name} and {seen[token]} both use the token {token}; retrain one with another --token"
+                    f"{name} and {seen[token]} both use the token {token}; pass --rename-tokens to give the "
+                    "later one a free <newN>, or retrain one with another --token"
                 )
             seen[token] = name
+
+
+def rename_tokens(concept: Concept, renames: dict[str, str]) -> Concept:
+    """The same concept prompted by other tokens: a token's embedding row and the K/V deltas do not depend on
+    its name, so only the token list and the captions change."""
+    captions = []
+    for caption in concept.captions:
+        for old, new in renames.items():  # tokens are "<…>", so one never matches inside another
+            caption = caption.replace(old, new)
+        captions.append(caption)
+    tokens = tuple(renames.get(token, token) for token in concept.tokens)
+    return dataclasses.replace(concept, tokens=tokens, captions=tuple(captions))
+
+
+def free_clashing_tokens(concepts: list[Concept]) -> tuple[list[Concept], list[dict[str, str]]]:
+    """Each token an earlier concept already uses renamed to the first ``<newN>`` no concept uses: the
+    concepts and, per concept, its renames."""
+    used = {token for concept in concepts for token in concept.tokens}
+    free = (f"<new{n}>" for n in itertools.count(1) if f"<new{n}>" not in used)
+    seen: set[str] = set()
+    renamed, renames = [], []
+    for concept in concepts:
+        own = {token: next(free) for token in concept.tokens if token in seen}
+        seen.update(own.get(token, token) for token in concept.tokens)
+        renamed.append(rename_tokens(concept, own) if own else concept)
+        renames.append(own)
+    return renamed, renames
 
 
 def regularization_captions(tokenizer, n: int, seed: int = 0) -> list[str]:
@@ -366,10 +395,21 @@ def merge_concepts(
     return merged, report
 
 
-def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport]:
-    """The ``customdiff merge`` command: load and check the concepts, merge, write OUT/concept.safetensors."""
+def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport, list[str]]:
+    """The ``customdiff merge`` command: load and check the concepts, merge, write OUT/concept.safetensors.
+
+    Returns the path, the merged concept, the report and a line for each token ``--rename-tokens`` renamed.
+    """
     names = [str(concept_file(path)) for path in config.concepts]
     concepts = [load_concept(path) for path in config.concepts]
+    renamed = []
+    if config.rename_tokens:
+        concepts, renames = free_clashing_tokens(concepts)
+        renamed = [
+            f"{name}: {old} is {new} in the merged concept"
+            for name, own in zip(names, renames, strict=True)
+            for old, new in own.items()
+        ]
     check_mergeable(concepts, names)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
@@ -382,4 +422,4 @@ def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport]:
     )
     path = save_concept(config.out, merged)
     save_config(config, config.out)
-    return path, merged, report
+    return path, merged, report, renamed
