@@ -128,3 +128,28 @@ def test_diffusers_loaders_apply_our_files(mode, trained, tiny_pipeline_dir, une
         n.endswith("attn2.processor") for n in processors
     )
     torch.testing.assert_close(unet_output(pipe, PROMPT), unet_output(tuned, PROMPT), rtol=1e-4, atol=1e-5)
+
+
+def test_info_says_how_to_prompt_a_concept_and_whether_a_model_is_its_base(
+    trained, tiny_pipeline_dir, run_cli, tmp_path
+):
+    from customdiff import compress
+
+    _, out = trained["crossattn_kv"]
+    whole = concept.load_concept(out)
+    concept.save_concept(tmp_path / "small", compress.compress_concept(whole, rank=2))
+    code, printed, err = run_cli("info", out, tmp_path / "small", "--model", tiny_pipeline_dir)
+    assert code == 0, err
+    values = sum(delta.numel() for delta in whole.deltas.values())
+    assert (
+        f"{out / concept.CONCEPT_FILE} (" in printed
+        and f"{tmp_path / 'small' / concept.CONCEPT_FILE} (" in printed
+    )
+    assert f"crossattn_kv concept of base {whole.base_hash}, {tiny_pipeline_dir}'s" in printed
+    assert f'prompt <new1> star (its row started from {whole.initializers[0]}), e.g. "' in printed
+    assert f"{len(whole.deltas)} UNet deltas of {values:,} values\n" in printed
+    assert "kept as SVD factors of rank 2–2" in printed and printed.count("trained 3 steps on") == 2
+    code, printed, err = run_cli("info", out)  # against the toy model, not its base
+    assert code == 0 and "not the toy model's" in printed and "pass --model its base model" in printed
+    code, _, err = run_cli("info", tmp_path / "missing")
+    assert code == 2 and "does not exist" in err

@@ -21,6 +21,7 @@ from customdiff.config import (
     ExportConfig,
     FinetuneConfig,
     GenerateConfig,
+    InfoConfig,
     JudgeConfig,
     MergeConfig,
     PretrainConfig,
@@ -161,6 +162,17 @@ def merge(config: MergeConfig) -> None:
     )
 
 
+def info(config: InfoConfig) -> None:
+    from customdiff import concept, models
+
+    concepts = {concept.concept_file(path): concept.load_concept(path) for path in config.concepts}
+    model_hash = models.model_hash(models.load_pipeline(config.model, model_config=config.model_config))
+    for path, loaded in concepts.items():
+        print(f"{path} ({path.stat().st_size / 2**20:.2f} MB)")
+        for line in concept.describe(loaded, model_hash, str(config.model or "the toy model")):
+            print(f"  {line}")
+
+
 def export(config: ExportConfig) -> None:
     from customdiff.export import run_export
 
@@ -203,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "merge", MergeConfig, merge)
     _add_command(commands, "compress", CompressConfig, compress)
     _add_command(commands, "export", ExportConfig, export)
+    _add_command(commands, "info", InfoConfig, info)
     _add_command(commands, "demo", DemoConfig, demo)
     return parser
 

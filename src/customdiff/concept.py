@@ -148,6 +148,40 @@ def load_concept(path: Path) -> Concept:
     )
 
 
+def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
+    """Lines for ``customdiff info``: whether ``model_name`` (hash ``model_hash``) is the concept's base,
+    how to prompt it, what its deltas are and what made it (a file name says none of this)."""
+    if model_hash == concept.base_hash:
+        base = f"base {concept.base_hash}, {model_name}'s"
+    else:
+        base = f"base {concept.base_hash}, not {model_name}'s ({model_hash}): pass --model its base model"
+    lines = [f"{concept.mode} concept of {base}"]
+    for token, word, start in zip(concept.tokens, concept.class_words, concept.initializers, strict=True):
+        caption = next((caption for caption in concept.captions if token in caption), None)
+        example = f', e.g. "{caption}"' if caption else ""
+        lines.append(f"prompt {token} {word} (its row started from {start}){example}")
+    values = sum(delta.numel() for delta in concept.deltas.values())
+    if not concept.deltas:
+        lines.append("no UNet deltas: the token rows alone")
+    elif concept.factors:
+        ranks = sorted(up.shape[1] for up, _ in concept.factors.values())
+        stored = sum(up.numel() + down.numel() for up, down in concept.factors.values())
+        lines.append(
+            f"{len(concept.deltas)} UNet deltas of {values:,} values, kept as SVD factors of rank "
+            f"{ranks[0]}–{ranks[-1]} ({stored:,} values stored)"
+        )
+    else:
+        lines.append(f"{len(concept.deltas)} UNet deltas of {values:,} values")
+    if "merged_from" in concept.config:
+        lines.append(f"merged from {len(concept.config['merged_from'])} concepts")
+    elif "steps" in concept.config:
+        config = concept.config
+        sources = [config.get("images"), config.get("concepts_list"), *config.get("concept", [])]
+        shown = ", ".join(str(source) for source in sources if source)
+        lines.append(f"trained {config['steps']} steps on {shown}, {len(concept.captions)} captions")
+    return lines
+
+
 @dataclass(frozen=True)
 class AppliedConcept:
     """A concept as ``apply_concept`` put it on a pipeline, with the UNet weights it replaced."""

@@ -585,6 +585,15 @@ class MergeConfig:
 
 
 @dataclass(frozen=True)
+class InfoConfig:
+    """Say what concept files hold: how to prompt them, what they change, how they were made."""
+
+    concepts: tuple[Path, ...] = positional("concept files (or their folders)")
+    model: Path | None = option(None, "the base model to check them against (default: the toy model)")
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """Write a concept as the files diffusers, or AUTOMATIC1111 and ComfyUI, load."""
 
