@@ -167,8 +167,8 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
         ranks = sorted(up.shape[1] for up, _ in concept.factors.values())
         stored = sum(up.numel() + down.numel() for up, down in concept.factors.values())
         lines.append(
-            f"{len(concept.deltas)} UNet deltas of {values:,} values, kept as SVD factors of rank "
-            f"{ranks[0]}–{ranks[-1]} ({stored:,} values stored)"
+            f"{len(concept.deltas)} UNet deltas of {values:,} values, {len(concept.factors)} kept as SVD "
+            f"factors of rank {ranks[0]}–{ranks[-1]} ({stored:,} values stored)"
         )
     else:
         lines.append(f"{len(concept.deltas)} UNet deltas of {values:,} values")
