@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from customdiff import concept, data, files, finetune, models, text, toyworld
+from customdiff import concept, data, files, finetune, merge, models, text, toyworld
 from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
@@ -238,6 +238,9 @@ def test_config_rejects_inconsistent_flags(concept_dir):
         FinetuneConfig(concept_dir, "star", batch_size=3)
     with pytest.raises(CustomDiffError, match="modifier token"):
         FinetuneConfig(concept_dir, "star", token="new1")
+    with pytest.raises(CustomDiffError, match="--mode crossattn_kv"):
+        FinetuneConfig(concept_dir, "star", mode="full", refit_weight=1.0)
+    assert FinetuneConfig(concept_dir, "star", mode="full").refit_weight == 0  # the toy default is K/V's
     assert FinetuneConfig(concept_dir, "star", batch_size=3, reg="none").batch_size == 3
 
 
@@ -378,3 +381,26 @@ def test_preview_prompts_are_checked_first_and_drawn_labelled(
     assert grid.size == files.image_grid([tile] * 4, columns=2, labels=labels).size  # one labelled row each
     with pytest.raises(CustomDiffError, match="--preview-every"):
         config_for(concept_dir, tmp_path, preview_prompts=prompts)
+
+
+def test_refit_weight_refits_the_trained_deltas_as_a_merge_of_the_concept_alone(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    """The refit concept is ``merge.refit_deltas`` of the same seeded run without it, the UNet holds it, and
+    ordinary captions' K/V outputs move less than the trained deltas move them."""
+    plain_pipe = models.load_pipeline(tiny_pipeline_dir)
+    plain = concept.load_concept(finetune.train(config_for(concept_dir, tmp_path / "plain"), plain_pipe))
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    base = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    refit = concept.load_concept(
+        finetune.train(config_for(concept_dir, tmp_path / "refit", refit_weight=1.0), pipe)
+    )
+    captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
+    expected, report = merge.refit_deltas(pipe, plain, captions, 1.0)
+    assert report.objective < report.naive_objective
+    assert refit.deltas.keys() == plain.deltas.keys()
+    for name, delta in refit.deltas.items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-4, atol=1e-6)
+        unet_name = name.removeprefix("unet.")
+        torch.testing.assert_close(pipe.unet.get_parameter(unet_name), base[unet_name] + delta)
+    assert not any(torch.equal(delta, plain.deltas[name]) for name, delta in refit.deltas.items())

@@ -356,6 +356,12 @@ class FinetuneConfig:
     )
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
     num_reg: int = option(200, "number of regularization images")
+    refit_weight: float | None = option(
+        None,
+        "crossattn_kv: after training, refit the K/V deltas in closed form, as a merge of the concept alone, "
+        "so that ~1000 ordinary captions keep their outputs; the weight of those captions against the "
+        "concept's (0: no refit; default: the model's, else 0)",
+    )
     steps: int | None = option(None, "training steps (default: the model's, else 400)")
     lr: float | None = option(
         None,
@@ -411,7 +417,10 @@ class FinetuneConfig:
         default_lr = DEFAULT_LR.get(self.mode, DEFAULT_LR["crossattn_kv"])
         if self.reg == "none" and self.composed_views is None:  # the model's share needs partners
             object.__setattr__(self, "composed_views", 0.0)
-        fallbacks = {"steps": 400, "lr": default_lr, "token_lr": None, "augment": True, "composed_views": 0.0}
+        fallbacks = {
+            "steps": 400, "lr": default_lr, "token_lr": None, "augment": True, "composed_views": 0.0,
+            "refit_weight": 0.0,
+        }  # fmt: skip
         fill_from_model(self, fallbacks)
         if self.token_lr is None:  # the paper trains the rows at the weights' learning rate
             object.__setattr__(self, "token_lr", self.lr)
@@ -436,6 +445,12 @@ class FinetuneConfig:
                 raise CustomDiffError(
                     f"--{name.replace('_', '-')} {getattr(self, name)}: pass a positive learning rate"
                 )
+        if self.refit_weight < 0:
+            raise CustomDiffError(f"--refit-weight {self.refit_weight}: pass a weight of 0 (off) or above")
+        if self.refit_weight and self.mode != "crossattn_kv":
+            raise CustomDiffError(
+                "--refit-weight refits K/V deltas alone; pass --mode crossattn_kv or --refit-weight 0"
+            )
         if not 0 <= self.composed_views <= 1:
             raise CustomDiffError(f"--composed-views {self.composed_views}: pass a share from 0 to 1")
         if self.composed_views and self.reg == "none":

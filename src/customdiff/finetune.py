@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm.auto import tqdm
 
-from customdiff import concept, data, export, files, generate, models, text
+from customdiff import concept, data, export, files, generate, merge, models, text
 from customdiff.config import FinetuneConfig, Mode, save_config
 from customdiff.errors import CustomDiffError
 
@@ -368,6 +368,19 @@ def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
 
 
+def refit(
+    pipe, result: concept.Concept, parameters: dict, base: dict, config: FinetuneConfig
+) -> concept.Concept:
+    """The trained concept with its K/V deltas refit in closed form (``merge.refit_deltas``); the UNet's
+    weights are set to match. ``pipe`` still holds the new tokens."""
+    captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS, config.seed)
+    deltas, _ = merge.refit_deltas(pipe, result, captions, config.refit_weight)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            parameters[name].copy_(base[name] + delta.to(base[name]))
+    return dataclasses.replace(result, deltas=deltas)
+
+
 def train(
     config: FinetuneConfig,
     pipe: StableDiffusionPipeline | None = None,
@@ -485,6 +498,8 @@ def train(
             captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
             config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
         )
+        if config.refit_weight:
+            result = refit(pipe, result, parameters, base, config)
     for module in [unet, *encoder_models]:
         module.requires_grad_(False).eval()
     path = out / concept.CONCEPT_FILE

@@ -60,6 +60,7 @@ MERGEABLE_MODES = ("crossattn_kv", "token")
 RIDGE = 1e-2  # of the mean diagonal of C_regᵀC_reg
 REG_WEIGHT = MergeConfig.reg_weight
 CONTEXT_SHARE = MergeConfig.context_share
+NUM_REG_CAPTIONS = MergeConfig.num_reg_captions
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,8 @@ def weighted_deltas(
     """The weighted merge for every K/V matrix (see the module's docstring): the merged deltas and report.
 
     Args:
-        base: name → base weight W0 (out, d). gram: M = C_regᵀ C_reg (d, d), float64.
+        base: name → base weight W0 (out, d), or any tensor of its shape. gram: M = C_regᵀ C_reg (d, d),
+            float64.
         features: per concept, every position of its captions F_n (s_n, d), float64 (only F_nᵀF_n matters).
         deltas: per concept, name → its fine-tuned change ΔW_n of that weight (absent: unchanged, so its
             captions keep the base outputs).
@@ -329,6 +331,36 @@ def with_contexts(own: torch.Tensor, contexts: torch.Tensor | None, share: float
     return torch.cat([own, contexts * scale])
 
 
+def fitted_rows(
+    pipe, concepts: list[Concept], reg_captions: list[str], method: str, context_share: float
+) -> list[torch.Tensor]:
+    """Per concept, the text features (s_n, d) at which the merged K/V must give its own outputs, in
+    float64: ``constrained`` its captions from the modifier token to the end of text; ``weighted`` every
+    position of its captions and, at ``context_share`` of their energy, of the regularization captions that
+    name its class (``context_captions``). The concepts' tokens must be in ``pipe``.
+    """
+    first_new_id = pipe.tokenizer.convert_tokens_to_ids(concepts[0].tokens[0])
+    rows = []
+    for concept in concepts:
+        captions = list(concept.captions) or [
+            data.CAPTION_TEMPLATE.format(token=token, class_word=word)
+            for token, word in zip(concept.tokens, concept.class_words, strict=True)
+        ]
+        ids, features = text_features(pipe, captions)
+        if method == "constrained":
+            rows.append(constraint_rows(ids, features, first_new_id, pipe.tokenizer.eos_token_id))
+            continue
+        contexts = [
+            caption
+            for token, word in zip(concept.tokens, concept.class_words, strict=True)
+            for caption in context_captions(reg_captions, token, word)
+        ]
+        encode = contexts and context_share  # none to encode when they weigh nothing
+        in_contexts = text_features(pipe, contexts)[1].flatten(0, 1) if encode else None
+        rows.append(with_contexts(features.flatten(0, 1), in_contexts, context_share))
+    return rows
+
+
 def merge_concepts(
     pipe,
     concepts: list[Concept],
@@ -351,26 +383,8 @@ def merge_concepts(
     tokens = [token for concept in concepts for token in concept.tokens]
     embeddings = torch.cat([concept.token_embeddings for concept in concepts])
     text.load_tokens(pipe, tokens, embeddings)
-    first_new_id = pipe.tokenizer.convert_tokens_to_ids(tokens[0])
     try:
-        rows = []
-        for concept in concepts:
-            captions = list(concept.captions) or [
-                data.CAPTION_TEMPLATE.format(token=token, class_word=word)
-                for token, word in zip(concept.tokens, concept.class_words, strict=True)
-            ]
-            ids, features = text_features(pipe, captions)
-            if method == "constrained":
-                rows.append(constraint_rows(ids, features, first_new_id, pipe.tokenizer.eos_token_id))
-                continue
-            contexts = [
-                caption
-                for token, word in zip(concept.tokens, concept.class_words, strict=True)
-                for caption in context_captions(reg_captions, token, word)
-            ]
-            encode = contexts and context_share  # none to encode when they weigh nothing
-            in_contexts = text_features(pipe, contexts)[1].flatten(0, 1) if encode else None
-            rows.append(with_contexts(features.flatten(0, 1), in_contexts, context_share))
+        rows = fitted_rows(pipe, concepts, reg_captions, method, context_share)
     finally:
         text.unload_tokens(pipe, tokens)
     names = sorted({name for concept in concepts for name in concept.deltas})
@@ -393,6 +407,22 @@ def merge_concepts(
         embedding_widths=concepts[0].embedding_widths,
     )
     return merged, report
+
+
+def refit_deltas(
+    pipe, concept: Concept, reg_captions: list[str], reg_weight: float, context_share: float = CONTEXT_SHARE
+) -> tuple[dict[str, torch.Tensor], MergeReport]:
+    """A K/V concept's deltas fitted again as the weighted merge fits each concept, with itself alone:
+    its outputs on its captions and in the contexts of ordinary captions kept, the ordinary captions' own
+    outputs returned towards the base in closed form (``customdiff train --refit-weight``).
+
+    Regularization images hold ordinary captions back by gradient descent, which moves slowly along the
+    few text-feature directions a new token has to itself; the least-squares fit puts the change there at
+    once. ``pipe`` holds the concept's tokens (its weights do not matter: only the deltas are fitted).
+    """
+    gram = regularization_gram(pipe, reg_captions)
+    rows = fitted_rows(pipe, [concept], reg_captions, "weighted", context_share)
+    return weighted_deltas(concept.deltas, gram, rows, [concept.deltas], reg_weight)
 
 
 def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport, list[str]]:
