@@ -1,5 +1,6 @@
 """Fine-tuning: exactly the mode's parameters train, every new token's row trains, runs resume exactly."""
 
+import json
 import subprocess
 import sys
 
@@ -404,3 +405,6 @@ def test_refit_weight_refits_the_trained_deltas_as_a_merge_of_the_concept_alone(
         unet_name = name.removeprefix("unet.")
         torch.testing.assert_close(pipe.unet.get_parameter(unet_name), base[unet_name] + delta)
     assert not any(torch.equal(delta, plain.deltas[name]) for name, delta in refit.deltas.items())
+    record = json.loads((tmp_path / "refit" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["refit_change_on_captions"] == pytest.approx(report.objective, rel=1e-3)
+    assert record["refit_change_on_captions"] < record["trained_change_on_captions"]

@@ -297,9 +297,9 @@ def preview_prompts(captions: list[list[str]], tokens: list[str]) -> list[str]:
     return prompts + data.class_prompts(captions[0], tokens)[:1]
 
 
-def append_log(path: Path, step: int, losses: list[float], seconds: float) -> None:
-    """One line of ``log.jsonl``: the step, the mean loss of the last LOG_EVERY steps, the loop's seconds."""
-    record = {"step": step, "loss": float(np.mean(losses[-LOG_EVERY:])), "seconds": round(seconds, 3)}
+def append_log(path: Path, record: dict) -> None:
+    """One line of ``log.jsonl``: every LOG_EVERY steps the step, the mean loss of those steps and the loop's
+    seconds; after a refit, what it changed."""
     with open(path, "a") as log:
         log.write(json.dumps(record) + "\n")
 
@@ -370,15 +370,20 @@ def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
 
 def refit(
     pipe, result: concept.Concept, parameters: dict, base: dict, config: FinetuneConfig
-) -> concept.Concept:
-    """The trained concept with its K/V deltas refit in closed form (``merge.refit_deltas``); the UNet's
-    weights are set to match. ``pipe`` still holds the new tokens."""
+) -> tuple[concept.Concept, dict[str, float]]:
+    """The trained concept with its K/V deltas refit in closed form (``merge.refit_deltas``), and the
+    refit's log record; the UNet's weights are set to match. ``pipe`` still holds the new tokens."""
     captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS, config.seed)
-    deltas, _ = merge.refit_deltas(pipe, result, captions, config.refit_weight)
+    deltas, report = merge.refit_deltas(pipe, result, captions, config.refit_weight)
     with torch.no_grad():
         for name, delta in deltas.items():
             parameters[name].copy_(base[name] + delta.to(base[name]))
-    return dataclasses.replace(result, deltas=deltas)
+    record = {
+        "refit_output_error": report.residual,  # relative, on the concept's captions and contexts
+        "refit_change_on_captions": report.objective,
+        "trained_change_on_captions": report.naive_objective,
+    }
+    return dataclasses.replace(result, deltas=deltas), record
 
 
 def train(
@@ -480,7 +485,11 @@ def train(
             if not accelerator.is_main_process:
                 continue
             if step % LOG_EVERY == 0:
-                append_log(out / "log.jsonl", step, losses, time.perf_counter() - started)
+                seconds = round(time.perf_counter() - started, 3)
+                append_log(
+                    out / "log.jsonl",
+                    {"step": step, "loss": np.mean(losses[-LOG_EVERY:]), "seconds": seconds},
+                )
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
             if config.preview_every and step % config.preview_every == 0:
@@ -499,7 +508,9 @@ def train(
             config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
         )
         if config.refit_weight:
-            result = refit(pipe, result, parameters, base, config)
+            result, record = refit(pipe, result, parameters, base, config)
+            if accelerator.is_main_process:
+                append_log(out / "log.jsonl", record)
     for module in [unet, *encoder_models]:
         module.requires_grad_(False).eval()
     path = out / concept.CONCEPT_FILE
