@@ -298,11 +298,13 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     common += ["--reg", "generate", "--num-reg", "2", "--cache-dir", tmp_path / "cache"]
     code, _, err = run_cli(
         "train", "--concept", f"{concept_dir}:star", "--concept", f"{ring_dir}:ring", *common,
-        "-o", tmp_path / "joint",
+        "--refit-weight", "1", "-o", tmp_path / "joint",
     )  # fmt: skip
     assert code == 0, err
     joint = concept.load_concept(tmp_path / "joint")
     assert joint.tokens == ("<new1>", "<new2>") and joint.class_words == ("star", "ring")
+    refit = json.loads((tmp_path / "joint" / "log.jsonl").read_text().splitlines()[-1])  # both fitted at once
+    assert refit["refit_change_on_captions"] < refit["trained_change_on_captions"]
     assert {caption.split()[1] for caption in joint.captions} == {"<new1>", "<new2>"}
     pipe = models.load_pipeline(tiny_pipeline_dir)
     assert joint.initializers == ("ktn", "sks")  # tokens start apart by default (their merge is sound)
