@@ -81,7 +81,8 @@ def ours(args, images: Path, work: Path) -> float:
         mixed_precision=args.mixed_precision,
     )  # fmt: skip
     finetune.train(config)
-    log = [json.loads(line) for line in (work / "ours" / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (work / "ours" / "log.jsonl").read_text().splitlines()]
+    log = [record for record in records if "step" in record]  # not a refit's record
     first = next(record for record in log if record["step"] >= WARMUP_STEPS)
     return (log[-1]["seconds"] - first["seconds"]) / (log[-1]["step"] - first["step"])
 
