@@ -161,6 +161,8 @@ def test_masked_mse_averages_only_where_the_mask_is_on():
     mask = torch.ones(2, 1, 3, 3)
     mask[0, :, 0, 0] = 0
     assert finetune.masked_mse(prediction, target, mask).item() == pytest.approx(1.0)
+    mask[1] = 0.25  # a regularization image at --prior-loss-weight 0.25
+    assert finetune.masked_mse(prediction, target, mask).item() == pytest.approx((1 + 0.25) / 2)
 
 
 def fixed_batch_loss(pipe, concept_dir) -> float:
@@ -239,6 +241,10 @@ def test_config_rejects_inconsistent_flags(concept_dir):
         FinetuneConfig(concept_dir, "star", batch_size=3)
     with pytest.raises(CustomDiffError, match="modifier token"):
         FinetuneConfig(concept_dir, "star", token="new1")
+    with pytest.raises(CustomDiffError, match="--prior-loss-weight weighs"):
+        FinetuneConfig(concept_dir, "star", reg="none", prior_loss_weight=0.5)
+    with pytest.raises(CustomDiffError, match="--prior-loss-weight -1"):
+        FinetuneConfig(concept_dir, "star", prior_loss_weight=-1)
     with pytest.raises(CustomDiffError, match="--mode crossattn_kv"):
         FinetuneConfig(concept_dir, "star", mode="full", refit_weight=1.0)
     assert FinetuneConfig(concept_dir, "star", mode="full").refit_weight == 0  # the toy default is K/V's
@@ -283,6 +289,10 @@ def test_sample_batch_gives_every_concept_a_batch_with_its_own_regularization():
     latents, masks, captions = finetune.sample_batch(targets, regs, 4, torch.Generator().manual_seed(0))
     assert latents.shape == (8, 4, 2, 2) and masks.shape == (8, 1, 2, 2)  # 4 images a concept
     assert captions == ["star", "star", "ring", "ring", "reg star", "reg star", "reg ring", "reg ring"]
+    assert masks.unique().tolist() == [1.0]
+    _, masks, _ = finetune.sample_batch(targets, regs, 4, torch.Generator(), prior_loss_weight=0.25)
+    assert masks[:, 0, 0, 0].tolist() == [1.0] * 4 + [0.25] * 4  # the pools keep theirs
+    assert regs[0].masks.unique().tolist() == [1.0]
     latents, _, captions = finetune.sample_batch(targets, [None, None], 4, torch.Generator())
     assert latents.shape == (8, 4, 2, 2) and captions == ["star"] * 4 + ["ring"] * 4  # no regularization
 

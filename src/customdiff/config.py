@@ -356,6 +356,11 @@ class FinetuneConfig:
     )
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
     num_reg: int = option(200, "number of regularization images")
+    prior_loss_weight: float = option(
+        1.0,
+        "weight of the regularization images' loss against the target views' (0: partners of the "
+        "two-object views only)",
+    )
     refit_weight: float | None = option(
         None,
         "crossattn_kv: after training, refit the K/V deltas in closed form, as a merge of the concept alone, "
@@ -451,6 +456,12 @@ class FinetuneConfig:
             raise CustomDiffError(
                 "--refit-weight refits K/V deltas alone; pass --mode crossattn_kv or --refit-weight 0"
             )
+        if self.prior_loss_weight < 0:
+            raise CustomDiffError(
+                f"--prior-loss-weight {self.prior_loss_weight}: pass a weight of 0 or above"
+            )
+        if self.prior_loss_weight != 1 and self.reg == "none":
+            raise CustomDiffError("--prior-loss-weight weighs regularization images: drop it or --reg none")
         if not 0 <= self.composed_views <= 1:
             raise CustomDiffError(f"--composed-views {self.composed_views}: pass a share from 0 to 1")
         if self.composed_views and self.reg == "none":

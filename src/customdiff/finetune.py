@@ -203,12 +203,13 @@ def start_detached(unet) -> Iterator[None]:
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the masked latent pixels of each sample, averaged over the batch.
 
-    As the paper's code: ``(loss * mask).sum() / mask.sum()`` per sample; mask (B, 1, h, w), all ones
-    for regularization images, so that the prior loss has weight 1.
+    As the paper's code: ``(loss * mask).sum() / mask.sum()`` per sample for a target view's 0/1 mask
+    (B, 1, h, w). A regularization image's mask holds the prior loss weight everywhere (1 in the paper),
+    which the mean over the mask's support keeps as its sample's weight.
     """
     squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
     mask = mask.expand_as(squared)
-    return ((squared * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1)).mean()
+    return ((squared * mask).sum((1, 2, 3)) / (mask > 0).sum((1, 2, 3)).clamp(min=1)).mean()
 
 
 def diffusion_loss(
@@ -233,8 +234,10 @@ def sample_batch(
     regs: list[data.LatentPool | None],
     batch_size: int,
     generator: torch.Generator,
+    prior_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Latents (B, C, h, w), masks (B, 1, h, w), captions: target views, then regularization images.
+    """Latents (B, C, h, w), masks (B, 1, h, w), captions: target views, then regularization images, whose
+    masks hold ``prior_loss_weight`` (``masked_mse``).
 
     Every concept gets ``batch_size`` images, with regularization half target views and half images of its
     own class, so a joint run gives each concept the step it would get alone (§3.2, joint training): one
@@ -246,6 +249,7 @@ def sample_batch(
     pools += [pool for pool in regs for _ in range(n_reg)]
     drawn = [pool.take(torch.randint(len(pool), (1,), generator=generator)) for pool in pools]
     latents, masks = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+    masks[len(pools) - n_reg * len(regs) :] *= prior_loss_weight
     return latents, masks, [caption for d in drawn for caption in d[2]]
 
 
@@ -467,7 +471,9 @@ def train(
             # batches, noise and timesteps from (seed, process, step): a resumed run draws what an
             # uninterrupted one would, and each process of a multi-process run draws its own
             generator = torch.Generator().manual_seed(hash((config.seed, accelerator.process_index, step)))
-            latents, masks, batch_captions = sample_batch(targets, regs, config.batch_size, generator)
+            latents, masks, batch_captions = sample_batch(
+                targets, regs, config.batch_size, generator, config.prior_loss_weight
+            )
             with accelerator.autocast():
                 states, pooled = data.encode_captions(
                     encoders_step, batch_captions, first_new_ids, text_cache
