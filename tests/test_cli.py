@@ -69,7 +69,8 @@ def test_judge_reads_and_scores(run_cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_writes_grids_and_folders(run_cli, tmp_path):
+def test_demo_writes_grids_and_folders(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_STEPS", 250)  # what it writes, not how well it learns (README: timing)
     code, out, _ = run_cli("demo", "-o", tmp_path)
     assert code == 0 and demo.NEXT_STEP in out
     for name in (

@@ -2,8 +2,8 @@
 
 It shows the two kinds of data the method works with: captioned scenes (the base model's world, the
 paper's web images) and built-in concepts (the paper's user photos of one particular object); then the
-base model's samples, two concepts trained with the paper's defaults beside the base on the paper's
-prompt kinds (new contexts, composition with a world object, the class prompt for forgetting), and the
+base model's samples, two concepts trained (the toy model's defaults, shortened) beside the base on the
+paper's prompt kinds (new contexts, composition with a world object, the class prompt for forgetting), and the
 two merged in closed form on prompts naming both.
 """
 
@@ -19,8 +19,8 @@ SCENE_COLUMNS = 4
 ZOOM = 3  # 64 px tiles are too small to read beside a caption
 NEXT_STEP = "next: teach your own concept with customdiff train --images DIR --class-word WORD (see -h)"
 DEMO_CONCEPTS = ("starfish", "donut")  # taught as <new1> star and <new2> ring
-DEMO_STEPS = 250
-DEMO_REG_IMAGES = 50  # per concept (the default is 200): two concepts must train in a few minutes
+DEMO_STEPS = 1500  # 250 drew neither concept; 1500 draws them on some backgrounds in ~4 min (README)
+DEMO_REG_IMAGES = 32  # per concept (the default is 200): two concepts must train in a few minutes
 BASE_PROMPTS = (
     "a small red circle on a gray background",
     "a large blue star on a white background",
