@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,35 +289,53 @@ def test_retrieve_needs_a_clip_model_beside_the_base(tiny_pipeline_dir, tmp_path
         data.regularization_images("retrieve", pipe, ["a star"], 2, tmp_path, tmp_path)
 
 
-def test_retrieve_keeps_the_closest_images_with_their_own_captions(tmp_path, monkeypatch):
-    """A CLIP stand-in whose image features turn towards the text feature as images get redder."""
+def colour_clip(monkeypatch, clip_dir: Path, text_features: dict[str, list[float]]) -> None:
+    """A CLIP stand-in: an image's feature is its (red, green) share, a prompt's is ``text_features``'."""
     from transformers import CLIPModel
 
-    folder = tmp_path / "scenes"
-    reds = [10, 250, 90, 170, 40]
-    files.write_image_folder(
-        folder, ((Image.new("RGB", (8, 8), (red, 0, 0)), f"scene {red}") for red in reds)
-    )
-    (tmp_path / "clip").mkdir()
-    (tmp_path / "clip" / "config.json").write_text("{}")
+    clip_dir.mkdir()
+    (clip_dir / "config.json").write_text("{}")
 
-    class RedClip:
+    class ColourClip:
         config = type("Config", (), {"vision_config": type("Vision", (), {"image_size": 8})})
 
         def eval(self):
             return self
 
-    def image_features(clip, pixels):
-        redness = (pixels[:, 0].mean((1, 2)) + 1) / 2  # pixels in [-1, 1]
-        return torch.stack([redness, 1 - redness], dim=1)
+    tokenizer = models.build_toy_tokenizer()
+    by_ids = {tuple(text.tokenize(tokenizer, [p])[0].tolist()): f for p, f in text_features.items()}
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *args, **kwargs: ColourClip())
+    monkeypatch.setattr(
+        models, "clip_text_features", lambda clip, ids: torch.tensor([by_ids[tuple(i.tolist())] for i in ids])
+    )
+    monkeypatch.setattr(
+        models, "clip_image_features", lambda clip, pixels: (pixels[:, :2].mean((2, 3)) + 1) / 2
+    )
 
-    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *args, **kwargs: RedClip())
-    monkeypatch.setattr(models, "clip_text_features", lambda clip, ids: torch.tensor([[1.0, 0.0]] * len(ids)))
-    monkeypatch.setattr(models, "clip_image_features", image_features)
+
+def test_retrieve_keeps_the_closest_images_with_their_own_captions(tmp_path, monkeypatch):
+    folder = tmp_path / "scenes"
+    reds = [10, 250, 90, 170, 40]
+    files.write_image_folder(
+        folder, ((Image.new("RGB", (8, 8), (red, 255 - red, 0)), f"scene {red}") for red in reds)
+    )
+    colour_clip(monkeypatch, tmp_path / "clip", {"a red star": [1.0, 0.0]})
     found = data.retrieved_regularization(
         folder, tmp_path / "clip", models.build_toy_tokenizer(), ["a red star"], 3
     )
     assert [caption for _, caption in found] == ["scene 250", "scene 170", "scene 90"]
+
+
+def test_retrieve_gives_every_class_prompt_its_nearest_images_in_turn(tmp_path, monkeypatch):
+    """Yellow lies nearest the mean of a red and a green query; each prompt's own images come first."""
+    folder = tmp_path / "scenes"
+    colours = {"yellow": (250, 250, 0), "red": (250, 0, 0), "green": (0, 250, 0)}
+    files.write_image_folder(folder, ((Image.new("RGB", (8, 8), rgb), name) for name, rgb in colours.items()))
+    colour_clip(monkeypatch, tmp_path / "clip", {"a red star": [1.0, 0.0], "a green star": [0.0, 1.0]})
+    found = data.retrieved_regularization(
+        folder, tmp_path / "clip", models.build_toy_tokenizer(), ["a red star", "a green star"], 2
+    )
+    assert [caption for _, caption in found] == ["red", "green"]
 
 
 def test_encode_captions_caches_only_captions_without_a_modifier_token(tiny_pipeline_dir):

@@ -418,8 +418,10 @@ def retrieved_regularization(
     """The ``n`` images of a captioned folder closest to the class prompts by CLIP, with their own captions.
 
     The paper retrieved from LAION-400M by CLIP text–image similarity (§3.1); here a local folder stands
-    in. The query is the mean of the prompts' normalised text features; pixels go to CLIP in [-1, 1] at
-    its image size, as the toy CLIP was trained (a real CLIP expects its own normalisation).
+    in. Each prompt takes its nearest images in turn (its best, then every prompt's second best, …), so
+    that many varied prompts share the set: a query at their mean lands between them and retrieved mostly
+    other shapes than the class's on the toy world (48 stars of 200). Pixels go to CLIP in [-1, 1] at its
+    image size, as the toy CLIP was trained (a real CLIP expects its own normalisation).
 
     Raises:
         CustomDiffError: there is no CLIP model at ``clip_dir``, or an image has no caption.
@@ -439,12 +441,15 @@ def retrieved_regularization(
             f"{folder}: {uncaptioned[0]} has no caption; retrieval keeps images' own captions"
         )
     ids = text.tokenize(tokenizer, prompts)
-    query = torch.nn.functional.normalize(models.clip_text_features(clip, ids), dim=-1).mean(0)
+    queries = torch.nn.functional.normalize(models.clip_text_features(clip, ids), dim=-1)
     size = clip.config.vision_config.image_size
     pixels = torch.stack([to_pixels(fit(image, size)) for _, image, _ in records])
     features = torch.cat([models.clip_image_features(clip, batch) for batch in pixels.split(64)])
-    similarity = torch.nn.functional.normalize(features, dim=-1) @ query
-    best = similarity.argsort(descending=True)[:n].tolist()
+    similarity = torch.nn.functional.normalize(features, dim=-1) @ queries.T  # images × prompts
+    ranked = (
+        similarity.argsort(dim=0, descending=True).flatten().tolist()
+    )  # rank-major: row r, every prompt's r-th
+    best = list(dict.fromkeys(ranked))[:n]
     return [(records[i][1], records[i][2]) for i in best]
 
 
