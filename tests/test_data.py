@@ -289,8 +289,9 @@ def test_retrieve_needs_a_clip_model_beside_the_base(tiny_pipeline_dir, tmp_path
         data.regularization_images("retrieve", pipe, ["a star"], 2, tmp_path, tmp_path)
 
 
-def colour_clip(monkeypatch, clip_dir: Path, text_features: dict[str, list[float]]) -> None:
-    """A CLIP stand-in: an image's feature is its (red, green) share, a prompt's is ``text_features``'."""
+def colour_clip(monkeypatch, clip_dir: Path, text_features: dict[str, list[float]]):
+    """A CLIP stand-in: an image's feature is its (red, green) share, a prompt's is ``text_features``';
+    returns the tokenizer its prompts are read with."""
     from transformers import CLIPModel
 
     clip_dir.mkdir()
@@ -311,6 +312,7 @@ def colour_clip(monkeypatch, clip_dir: Path, text_features: dict[str, list[float
     monkeypatch.setattr(
         models, "clip_image_features", lambda clip, pixels: (pixels[:, :2].mean((2, 3)) + 1) / 2
     )
+    return tokenizer
 
 
 def test_retrieve_keeps_the_closest_images_with_their_own_captions(tmp_path, monkeypatch):
@@ -319,10 +321,8 @@ def test_retrieve_keeps_the_closest_images_with_their_own_captions(tmp_path, mon
     files.write_image_folder(
         folder, ((Image.new("RGB", (8, 8), (red, 255 - red, 0)), f"scene {red}") for red in reds)
     )
-    colour_clip(monkeypatch, tmp_path / "clip", {"a red star": [1.0, 0.0]})
-    found = data.retrieved_regularization(
-        folder, tmp_path / "clip", models.build_toy_tokenizer(), ["a red star"], 3
-    )
+    tokenizer = colour_clip(monkeypatch, tmp_path / "clip", {"a red star": [1.0, 0.0]})
+    found = data.retrieved_regularization(folder, tmp_path / "clip", tokenizer, ["a red star"], 3)
     assert [caption for _, caption in found] == ["scene 250", "scene 170", "scene 90"]
 
 
@@ -331,9 +331,11 @@ def test_retrieve_gives_every_class_prompt_its_nearest_images_in_turn(tmp_path, 
     folder = tmp_path / "scenes"
     colours = {"yellow": (250, 250, 0), "red": (250, 0, 0), "green": (0, 250, 0)}
     files.write_image_folder(folder, ((Image.new("RGB", (8, 8), rgb), name) for name, rgb in colours.items()))
-    colour_clip(monkeypatch, tmp_path / "clip", {"a red star": [1.0, 0.0], "a green star": [0.0, 1.0]})
+    tokenizer = colour_clip(
+        monkeypatch, tmp_path / "clip", {"a red star": [1.0, 0.0], "a green star": [0.0, 1.0]}
+    )
     found = data.retrieved_regularization(
-        folder, tmp_path / "clip", models.build_toy_tokenizer(), ["a red star", "a green star"], 2
+        folder, tmp_path / "clip", tokenizer, ["a red star", "a green star"], 2
     )
     assert [caption for _, caption in found] == ["red", "green"]
 

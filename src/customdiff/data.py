@@ -446,9 +446,8 @@ def retrieved_regularization(
     pixels = torch.stack([to_pixels(fit(image, size)) for _, image, _ in records])
     features = torch.cat([models.clip_image_features(clip, batch) for batch in pixels.split(64)])
     similarity = torch.nn.functional.normalize(features, dim=-1) @ queries.T  # images × prompts
-    ranked = (
-        similarity.argsort(dim=0, descending=True).flatten().tolist()
-    )  # rank-major: row r, every prompt's r-th
+    # rank-major: row r holds every prompt's r-th nearest image
+    ranked = similarity.argsort(dim=0, descending=True).flatten().tolist()
     best = list(dict.fromkeys(ranked))[:n]
     return [(records[i][1], records[i][2]) for i in best]
 
