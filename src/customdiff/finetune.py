@@ -390,6 +390,31 @@ def refit(
     return dataclasses.replace(result, deltas=deltas), record
 
 
+def check_prompts(tokenizer, config: FinetuneConfig) -> None:
+    """Fail before the long set-up, not at the first preview or in eval, on a word the tokenizer cannot
+    spell: in a preview prompt, or in a class word (eval and merge prompt with it even when every image
+    has its own caption)."""
+    tokens = [spec.token for spec in config.concept_specs()]
+    for prompt in config.preview_prompts:
+        models.check_prompt(tokenizer, prompt, tokens)
+    for spec in config.concept_specs():
+        try:
+            models.check_prompt(tokenizer, spec.class_word)
+        except CustomDiffError as error:
+            raise CustomDiffError(f"the class word of {spec.images}: {error}") from None
+
+
+def make_optimizer(parameters: dict, config: FinetuneConfig, num_processes: int) -> torch.optim.AdamW:
+    """AdamW over the trained tensors alone: the K/V (or UNet) weights at ``--lr``, the token rows at
+    ``--token-lr``, each times the images a step across processes with ``--scale-lr`` (as the paper)."""
+    scale = config.batch_size * num_processes if config.scale_lr else 1
+    groups = [
+        {"params": [p for name, p in parameters.items() if _is_token_row(name) == token], "lr": lr * scale}
+        for token, lr in ((False, config.lr), (True, config.token_lr))
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]])
+
+
 def train(
     config: FinetuneConfig,
     pipe: StableDiffusionPipeline | None = None,
@@ -413,13 +438,7 @@ def train(
     base_hash = models.model_hash(pipe)
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
-    for prompt in config.preview_prompts:  # a misspelt one fails before the long set-up, not at a preview
-        models.check_prompt(pipe.tokenizer, prompt, tokens)
-    for spec in specs:  # eval and merge prompt with the class word, even when every image has a caption
-        try:
-            models.check_prompt(pipe.tokenizer, spec.class_word)
-        except CustomDiffError as error:
-            raise CustomDiffError(f"the class word of {spec.images}: {error}") from None
+    check_prompts(pipe.tokenizer, config)
     with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
         captions, targets, regs = prepare_data(config, pipe)
     prompts = list(config.preview_prompts) or preview_prompts(captions, tokens)
@@ -444,15 +463,7 @@ def train(
         base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
         for parameter in parameters.values():
             parameter.requires_grad_(True)
-        scale = config.batch_size * accelerator.num_processes if config.scale_lr else 1
-        groups = [  # the K/V (or UNet) weights at --lr, the token rows at --token-lr
-            {
-                "params": [p for name, p in parameters.items() if _is_token_row(name) == token],
-                "lr": lr * scale,
-            }
-            for token, lr in ((False, config.lr), (True, config.token_lr))
-        ]
-        optimizer = torch.optim.AdamW([group for group in groups if group["params"]])
+        optimizer = make_optimizer(parameters, config, accelerator.num_processes)
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
         (unet_step, *models_step), optimizer = prepare_modules(
             accelerator, [unet, *encoder_models], optimizer
