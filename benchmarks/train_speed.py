@@ -93,7 +93,7 @@ def reference(args, images: Path, work: Path) -> float:
     pipe = models.load_pipeline(args.model).to(device)
     size = data.resolution(pipe)
     examples = data.load_examples(images, size, "<new1>", args.class_word)
-    prompts = data.class_prompts([example.caption for example in examples], ["<new1>"])
+    prompts = data.regularization_prompts([example.caption for example in examples], ["<new1>"])
     reg_images = data.generated_regularization(pipe, prompts, args.num_reg, work / "cache")
     (token_id,) = finetune.add_modifier_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"], ["ktn"])
     pipe.vae.requires_grad_(False)

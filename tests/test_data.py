@@ -253,6 +253,22 @@ def test_toy_class_prompts_are_plain_objects_of_every_allowed_colour():
     assert two[0] == "a red star and a blue ring on a sky background" and len(two) == 8
 
 
+def test_regularization_prompts_hold_the_class_on_every_background_with_and_without_its_size():
+    captions = ["a large <new1> cross on a gray background", "a small <new1> cross on a sand background"]
+    own = data.class_prompts(captions, [TOKEN])
+    prompts = data.regularization_prompts(captions, [TOKEN])
+    assert prompts[: len(own)] == own
+    one = [prompt for prompt in prompts if " and " not in prompt]
+    for background in toyworld.BACKGROUNDS:
+        for size in ("large ", "small ", ""):
+            assert f"a {size}red cross on a {background} background" in one
+    assert {toyworld.parse_caption(prompt).things[0].shape for prompt in one} == {"cross"}
+    assert len(one) == 3 * (6 * 8 - 2)  # 3 sizes; white and black never on their own background
+    everywhere = [f"a <new1> cross on a {background} background" for background in toyworld.BACKGROUNDS]
+    assert data.regularization_prompts(everywhere, [TOKEN]) == data.class_prompts(everywhere, [TOKEN])
+    assert data.regularization_prompts(["photo of a <new1> cat"], [TOKEN]) == ["photo of a cat"]
+
+
 def test_generated_regularization_samples_once_then_reads_the_cache(tiny_pipeline_dir, tmp_path, monkeypatch):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     calls = []

@@ -390,6 +390,20 @@ def class_prompts(captions: list[str], tokens: list[str]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
+def regularization_prompts(captions: list[str], tokens: list[str]) -> list[str]:
+    """The prompts of a concept's regularization images: the class prompts of its captions, and in the toy
+    world also of each caption on every background, with its size word and without (``class_prompts`` of
+    ``toyworld.on_every_background``), the captions' own first.
+
+    The paper's retrieved images show the class in every context. Held only where the concept's images
+    are, a concept shown with sizes named or on some backgrounds lost its class elsewhere: an outside cross
+    on five backgrounds drew `a blue cross on a white background` on sand (docs/findings.md, "Concepts
+    that are not built in").
+    """
+    contexts = [context for caption in captions for context in toyworld.on_every_background(caption)]
+    return class_prompts(list(captions) + contexts, tokens)
+
+
 def generated_regularization(
     pipe, prompts: list[str], n: int, cache_dir: Path, steps: int = REG_SAMPLING_STEPS
 ) -> list[tuple[Image.Image, str]]:

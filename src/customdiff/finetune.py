@@ -331,7 +331,7 @@ def prepare_data(
     captions = [[example.caption for example in own] for own in examples]
     targets, regs = [], []
     for own, own_captions in zip(examples, captions, strict=True):
-        prompts = data.class_prompts(own_captions, tokens)
+        prompts = data.regularization_prompts(own_captions, tokens)
         for prompt in prompts:  # a caption word the tokenizer cannot spell fails here
             models.check_prompt(pipe.tokenizer, prompt)
         reg_images = data.regularization_images(

@@ -182,6 +182,20 @@ def plain_captions(text: str) -> list[str]:
     return list(dict.fromkeys(captions))
 
 
+def on_every_background(text: str) -> list[str]:
+    """A one-object caption of the grammar on each background, with its size word and without one (the
+    contexts a class should be held in); [] for any other text."""
+    caption = caption_or_none(text)
+    if caption is None or len(caption.things) != 1:
+        return []
+    (thing,) = caption.things
+    return [
+        str(Caption(background, (Thing(thing.shape, thing.color, size),)))
+        for background in BACKGROUNDS
+        for size in dict.fromkeys((thing.size, None))
+    ]
+
+
 def with_world_object(text: str, index: int) -> str | None:
     """A one-object caption of the grammar with a plain world object beside it (``index`` picks the object's
     shape, colour and side), or None for any other text: a concept's class prompts composed, so that
