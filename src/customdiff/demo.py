@@ -19,7 +19,7 @@ SCENE_COLUMNS = 4
 ZOOM = 3  # 64 px tiles are too small to read beside a caption
 NEXT_STEP = "next: teach your own concept with customdiff train --images DIR --class-word WORD (see -h)"
 DEMO_CONCEPTS = ("starfish", "donut")  # taught as <new1> star and <new2> ring
-DEMO_STEPS = 1000  # 250 drew neither concept; 1000 draws their colours in ~4.5 min, 1200 took 5 (README)
+DEMO_STEPS = 1000  # 250 drew neither concept; 1000 draws their colours in 4–5 min; 1200 took over 5 (README)
 DEMO_REG_IMAGES = 32  # per concept (the default is 200): two concepts must train in a few minutes
 BASE_PROMPTS = (
     "a small red circle on a gray background",

@@ -394,10 +394,10 @@ def check_prompts(tokenizer, config: FinetuneConfig) -> None:
     """Fail before the long set-up, not at the first preview or in eval, on a word the tokenizer cannot
     spell: in a preview prompt, or in a class word (eval and merge prompt with it even when every image
     has its own caption)."""
-    tokens = [spec.token for spec in config.concept_specs()]
+    specs = config.concept_specs()
     for prompt in config.preview_prompts:
-        models.check_prompt(tokenizer, prompt, tokens)
-    for spec in config.concept_specs():
+        models.check_prompt(tokenizer, prompt, [spec.token for spec in specs])
+    for spec in specs:
         try:
             models.check_prompt(tokenizer, spec.class_word)
         except CustomDiffError as error:
