@@ -344,6 +344,58 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     assert code == 2 and 'entry 1 needs "images"' in err and len(err.splitlines()) == 1
 
 
+def test_a_diffusers_concepts_list_gives_tokens_captions_and_each_concept_its_class_images(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    uncaptioned = tmp_path / "donut"
+    uncaptioned.mkdir()
+    for index, (image, _) in enumerate(toyworld.concept_scenes(toyworld.get_concept("donut"), 3)):
+        files.save_png(uncaptioned / f"{index}.png", image)
+    class_folder = tmp_path / "class_ring"  # a folder of class images, captioned by "class_prompt"
+    class_folder.mkdir()
+    for index, (image, _) in enumerate(toyworld.sample_scenes(2, seed=1, n_objects=1)):
+        files.save_png(class_folder / f"{index}.png", image)
+    retrieved = tmp_path / "real_reg" / "samples_star"  # the paper's retrieval script's layout
+    (retrieved / "images").mkdir(parents=True)
+    scenes = list(toyworld.sample_scenes(4, seed=2, n_objects=1))
+    for index, (image, _) in enumerate(scenes):
+        files.save_png(retrieved / "images" / f"{index}.png", image)
+    listed = [f"elsewhere/samples_star/images/{i}.png" for i in range(4)]  # relative to where it ran
+    (retrieved / "images.txt").write_text("".join(f"{line}\n" for line in listed))
+    (retrieved / "caption.txt").write_text("".join(f"{caption}\n" for _, caption in scenes))
+    listing = tmp_path / "concepts_list.json"
+    listing.write_text(
+        json.dumps(
+            [
+                {"instance_prompt": "a <new1> star on a gray background", "class_prompt": "star",
+                 "instance_data_dir": str(concept_dir), "class_data_dir": str(retrieved / "images.txt")},
+                {"instance_prompt": "a <new2> ring on a sand background", "class_prompt": "ring",
+                 "instance_data_dir": str(uncaptioned), "class_data_dir": str(class_folder)},
+            ]
+        )
+    )  # fmt: skip
+    config = FinetuneConfig(concepts_list=listing, out=tmp_path / "out", num_reg=3, composed_views=0.0)
+    specs = config.concept_specs()
+    assert [(spec.token, spec.class_word) for spec in specs] == [("<new1>", "star"), ("<new2>", "ring")]
+    with pytest.warns(UserWarning, match="2 class images, fewer than --num-reg 3"):
+        captions, _, regs = finetune.prepare_data(config, models.load_pipeline(tiny_pipeline_dir))
+    own = [caption for _, _, caption in files.read_image_folder(concept_dir)]
+    assert captions[0] == own and "<new1>" in own[0]  # its own captions win over the instance prompt
+    assert captions[1] == ["a <new2> ring on a sand background"] * 3  # the instance prompt: no own captions
+    assert regs[0].captions == tuple(caption for _, caption in scenes[:3])  # caption.txt, --num-reg of them
+    assert regs[1].captions == ("ring", "ring")
+
+    listing.write_text(json.dumps([{"instance_data_dir": str(uncaptioned), "class_data_dir": "nowhere"}]))
+    with pytest.raises(CustomDiffError, match='entry 1 needs "images"'):
+        config.concept_specs()
+    listing.write_text(
+        json.dumps([{"instance_prompt": "a <new1> ring", "instance_data_dir": str(uncaptioned),
+                     "class_data_dir": str(tmp_path / "nowhere")}])
+    )  # fmt: skip
+    with pytest.raises(CustomDiffError, match="nowhere does not exist"):
+        finetune.prepare_data(config, models.load_pipeline(tiny_pipeline_dir))
+
+
 def test_joint_two_object_views_set_each_concept_beside_its_class_alone(concept_dir, tmp_path):
     ring_dir = tmp_path / "donut"
     files.write_image_folder(

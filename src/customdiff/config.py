@@ -305,12 +305,16 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class ConceptSpec:
-    """One concept to learn: its image folder, class word, modifier token and the token's initializer."""
+    """One concept to learn: its image folder, class word, modifier token and the token's initializer;
+    from a diffusers concepts list also the caption of its uncaptioned images and its own class images."""
 
     images: Path
     class_word: str
     token: str
     initializer: str | None  # None: models.default_initializer picks one for the token
+    caption: str | None = None  # for images without one of their own (diffusers' "instance_prompt")
+    class_images: Path | None = None  # its regularization images (diffusers' "class_data_dir")
+    class_prompt: str | None = None  # their caption, or a file of one a line (diffusers' "class_prompt")
 
 
 @dataclass(frozen=True)
@@ -333,7 +337,8 @@ class FinetuneConfig:
     concepts_list: Path | None = option(
         None,
         'JSON list of concepts to train jointly: {"images": DIR, "class_word": WORD} each, optionally '
-        '"token" and "initializer" (diffusers\' "instance_data_dir" is read as "images")',
+        '"token" and "initializer"; or the diffusers example\'s list ("instance_prompt", "class_prompt", '
+        '"instance_data_dir", "class_data_dir")',
     )
     out: Path = option(Path("runs/concept"), "folder for concept.safetensors, checkpoints, previews", "-o")
     model: Path | None = option(
@@ -494,30 +499,45 @@ class FinetuneConfig:
 
 
 def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]:
-    """The concepts of a ``--concepts-list`` JSON file (a list of objects)."""
+    """The concepts of a ``--concepts-list`` JSON file: a list of objects in our keys or in those of the
+    diffusers example (``instance_prompt`` names the token before the class word, e.g. ``photo of a <new1>
+    cat``; ``class_data_dir`` holds the class images captioned ``class_prompt``)."""
     try:
         entries = json.loads(Path(path).read_text())
     except OSError as error:
         raise CustomDiffError(f"cannot read --concepts-list {path}: {error.strerror or error}") from error
     except json.JSONDecodeError as error:
         raise CustomDiffError(f"--concepts-list {path} is not valid JSON: {error}") from error
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise CustomDiffError(
             f'--concepts-list {path}: write a JSON list of {{"images": DIR, "class_word": WORD}} objects'
         )
     specs = []
     for number, entry in enumerate(entries, 1):
-        images = entry.get("images", entry.get("instance_data_dir")) if isinstance(entry, dict) else None
-        if images is None or not entry.get("class_word"):
+        images = entry.get("images", entry.get("instance_data_dir"))
+        caption = entry.get("instance_prompt")
+        words = caption.split() if isinstance(caption, str) else []
+        named = [word for word in words if toyworld.MODIFIER_TOKEN.match(word)]
+        token = entry.get("token") or (named[0] if named else f"<new{number}>")
+        after_token = words[words.index(token) + 1] if token in words[:-1] else None
+        class_prompt = entry.get("class_prompt")
+        one_word = isinstance(class_prompt, str) and re.fullmatch(r"[\w-]+", class_prompt)  # not a file
+        class_word = entry.get("class_word") or after_token or (class_prompt if one_word else None)
+        if images is None or not class_word:
             raise CustomDiffError(
-                f'--concepts-list {path}: entry {number} needs "images" (a folder) and "class_word"'
+                f'--concepts-list {path}: entry {number} needs "images" (a folder) and "class_word", or '
+                'diffusers\' "instance_data_dir" and an "instance_prompt" naming its token before the class'
             )
+        class_images = entry.get("class_data_dir")
         specs.append(
             ConceptSpec(
                 Path(images),
-                entry["class_word"],
-                entry.get("token", f"<new{number}>"),
+                class_word,
+                token,
                 entry.get("initializer", initializer),
+                caption,
+                Path(class_images) if class_images else None,
+                class_prompt,
             )
         )
     return specs

@@ -94,14 +94,20 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 
 
 def load_examples(
-    folder: Path, size: int, token: str, class_word: str, toy_grammar: bool = False
+    folder: Path,
+    size: int,
+    token: str,
+    class_word: str,
+    toy_grammar: bool = False,
+    default_caption: str | None = None,
 ) -> list[Example]:
     """The concept's images, fitted to ``size``², with captions from the folder or the paper's template.
 
     Captions come from metadata.jsonl or .txt files (``files.read_image_folder``); an image without one is
-    captioned ``photo of a {token} {class_word}``, or with ``toy_grammar`` (a model that knows only the toy
-    world's words) in the grammar as the judge reads the image (``toyjudge.concept_caption``), since
-    that is how the toy model is prompted.
+    captioned ``default_caption`` if given (a diffusers concepts list's instance prompt), else ``photo of a
+    {token} {class_word}``, or with ``toy_grammar`` (a model that knows only the toy world's words) in the
+    grammar as the judge reads the image (``toyjudge.concept_caption``), since that is how the toy model
+    is prompted.
 
     Raises:
         CustomDiffError: the folder is missing or empty, or a caption does not name ``token``.
@@ -109,6 +115,7 @@ def load_examples(
     examples = []
     for path, image, caption in files.read_image_folder(folder):
         image = fit(image, size)
+        caption = caption or default_caption
         if not caption and toy_grammar:
             caption = toyjudge.concept_caption(image, token, class_word)
             if caption is None:
@@ -475,6 +482,49 @@ def regularization_images(
     if kind == "retrieve":
         return retrieved_regularization(reg_dir, models.clip_folder(pipe), pipe.tokenizer, prompts, n)
     return []
+
+
+def class_images(source: Path, prompt: str | None, n: int) -> list[tuple[Image.Image, str]]:
+    """A concept's own regularization images, as a diffusers concepts list names them: the first ``n`` of
+    a folder (captioned by their own captions, else ``prompt``), or of an image list file (one path a
+    line, e.g. the ``images.txt`` of the paper's retrieval script, captioned by the lines of ``prompt``
+    when it names a file, else of a ``caption.txt`` beside the list, else by ``prompt``).
+
+    Raises:
+        CustomDiffError: naming the folder or list when it is missing, or an image that has no caption.
+    """
+    source = Path(source)
+    listing = source / "images.txt" if source.is_dir() else source
+    if listing.is_file():
+        lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+        paths = [_listed_path(line, listing) for line in lines[:n]]
+        caption_file = Path(prompt) if prompt and Path(prompt).is_file() else listing.parent / "caption.txt"
+        captions = caption_file.read_text(encoding="utf-8").splitlines() if caption_file.is_file() else []
+        records = [
+            (path, files.open_image(path), captions[i].strip() if i < len(captions) else prompt)
+            for i, path in enumerate(paths)
+        ]
+    else:
+        records = [
+            (path, image, caption or prompt) for path, image, caption in files.read_image_folder(source)[:n]
+        ]
+    if not records:
+        raise CustomDiffError(f"class images {listing} lists no image; write one path a line")
+    uncaptioned = [path for path, _, caption in records if not caption]
+    if uncaptioned:
+        raise CustomDiffError(
+            f'{uncaptioned[0]} (class images {source}) has no caption; give the concept a "class_prompt"'
+        )
+    if len(records) < n:
+        warnings.warn(f"{source}: {len(records)} class images, fewer than --num-reg {n}", stacklevel=2)
+    return [(image, caption) for _, image, caption in records]
+
+
+def _listed_path(line: str, listing: Path) -> Path:
+    """An image that a list file names: as written, else beside the list, else in the ``images/`` folder
+    beside it (the paper's retrieval script writes paths relative to where it ran)."""
+    candidates = [Path(line), listing.parent / line, listing.parent / "images" / Path(line).name]
+    return next((path for path in candidates if path.is_file()), Path(line))
 
 
 def default_cache_dir() -> Path:

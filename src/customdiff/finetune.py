@@ -326,17 +326,24 @@ def prepare_data(
     cache_dir = config.cache_dir or data.default_cache_dir()
     toy_grammar = not models.spells_any_word(pipe.tokenizer)
     examples = [
-        data.load_examples(spec.images, size, spec.token, spec.class_word, toy_grammar) for spec in specs
+        data.load_examples(spec.images, size, spec.token, spec.class_word, toy_grammar, spec.caption)
+        for spec in specs
     ]
     captions = [[example.caption for example in own] for own in examples]
     targets, regs = [], []
-    for own, own_captions in zip(examples, captions, strict=True):
-        prompts = data.regularization_prompts(own_captions, tokens)
-        for prompt in prompts:  # a caption word the tokenizer cannot spell fails here
+    for spec, own, own_captions in zip(specs, examples, captions, strict=True):
+        own_class_images = spec.class_images is not None and config.reg != "none"  # a concepts list's
+        if own_class_images:
+            reg_images = data.class_images(spec.class_images, spec.class_prompt, config.num_reg)
+            prompts = [caption for _, caption in reg_images]
+        else:
+            prompts = data.regularization_prompts(own_captions, tokens)
+        for prompt in prompts:  # a caption word the tokenizer cannot spell fails here, before sampling
             models.check_prompt(pipe.tokenizer, prompt)
-        reg_images = data.regularization_images(
-            config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
-        )
+        if not own_class_images:
+            reg_images = data.regularization_images(
+                config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
+            )
         scale, seed = pipe.vae_scale_factor, config.seed
         targets.append(  # a joint run's concepts never share a view: that cost them (docs/findings.md)
             data.target_pool(
