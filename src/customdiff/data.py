@@ -494,6 +494,10 @@ def class_images(source: Path, prompt: str | None, n: int) -> list[tuple[Image.I
         CustomDiffError: naming the folder or list when it is missing, or an image that has no caption.
     """
     source = Path(source)
+    if not source.exists():
+        raise CustomDiffError(
+            f'class images {source} ("class_data_dir") do not exist; pass a folder of images or an images.txt'
+        )
     listing = source / "images.txt" if source.is_dir() else source
     if listing.is_file():
         lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
