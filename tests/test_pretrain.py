@@ -81,6 +81,30 @@ def test_wild_renders_show_colours_outside_the_palette():
         )
 
 
+def test_wild_partners_set_a_named_world_object_beside_a_wild_one():
+    config = PretrainConfig(unet_wild_partners=1.0, held_out=())
+    images, captions, features = pretrain.render_wild_batch(np.random.default_rng(1), 24, config)
+    pairs = [(index, caption) for index, caption in enumerate(captions) if len(caption.things) == 2]
+    assert pairs
+    for index, caption in pairs:  # "a star and a blue circle on a white background"
+        colours = [thing.color for thing in caption.things]
+        assert sorted(bool(colour) for colour in colours) == [False, True], caption
+        assert features[index, 0].any() and not features[index, 1].any()  # the wild one's only
+        image = ((images[index].permute(1, 2, 0) + 1) * 127.5).round().numpy()
+        named = next(thing for thing in caption.things if thing.color)
+        half = image[:, :32] if caption.things[0] is named else image[:, 32:]  # its side of the scene
+        drawn = np.abs(half - np.array(toyworld.COLORS[named.color])).max(-1) <= toyworld.NOISE
+        assert drawn.sum() > 30, caption  # drawn in its palette colour
+    coded = pretrain.with_colour(pairs[0][1], "ktn")  # an appearance code fills the wild slot alone
+    assert [thing.color for thing in coded.things].count("ktn") == 1
+    held = PretrainConfig(unet_wild_partners=1.0, held_out=tuple(
+        f"{colour} {shape} {background}" for colour in toyworld.COLORS for shape in toyworld.SHAPES
+        for background in toyworld.BACKGROUNDS
+    ))  # fmt: skip
+    _, captions, _ = pretrain.render_wild_batch(np.random.default_rng(1), 24, held)
+    assert all(not thing.color for caption in captions for thing in caption.things)  # never a held-out one
+
+
 def object_words(caption: str) -> set[str]:
     """The words before "on": the background may be "white" or "black", which are colours too."""
     return set(caption.split(" on ")[0].split())
@@ -253,6 +277,7 @@ def test_size_dropout_leaves_the_size_out_of_one_object_captions():
     "settings, message",
     [
         ({"unet_wild_share": 1.5}, "--unet-wild-share is a share"),
+        ({"unet_wild_partners": -0.1}, "--unet-wild-partners is a share"),
         ({"vae_decoder_only": True}, "add --init-from MODEL --stage vae"),
         ({"vae_width": 40}, "--vae-width: give a positive multiple of 16"),
         ({"vae_latent_channels": 0}, "--vae-latent-channels: give a positive number"),

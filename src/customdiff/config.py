@@ -214,6 +214,12 @@ class PretrainConfig:
         'a colour ("a small star on a gray background"): class prompts draw a varied class, as in SD, and '
         "the UNet can draw the colours a concept's token steers it to",
     )
+    unet_wild_partners: float = option(
+        0.0,
+        'share of two-object wild scenes whose other object is a world one, named by its colour ("a star '
+        'and a blue circle on a white background"): the class prompt of a concept composed with a world '
+        "object, which the UNet has otherwise never been shown",
+    )
     unet_wild_codes: float = option(
         0.0,
         "share of wild scenes whose caption holds a rare word in the colour slot, its text features there "
@@ -254,7 +260,8 @@ class PretrainConfig:
                 raise CustomDiffError(
                     f'--held-out "{combination}": write "COLOUR SHAPE BACKGROUND", e.g. "red star grass"'
                 )
-        for name in ("vae_wild_share", "unet_wild_share", "unet_wild_codes", "size_dropout"):
+        shares = ("vae_wild_share", "unet_wild_share", "unet_wild_partners", "unet_wild_codes")
+        for name in (*shares, "size_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise CustomDiffError(f"--{name.replace('_', '-')} is a share: give a number from 0 to 1")
         if self.vae_width < 1 or self.vae_width % 16:

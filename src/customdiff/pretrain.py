@@ -98,9 +98,10 @@ def unsized(caption: toyworld.Caption) -> toyworld.Caption:
 
 
 def with_colour(caption: toyworld.Caption, color: str) -> toyworld.Caption:
-    """The caption with every object's colour slot holding ``color``."""
+    """The caption with every colourless object's colour slot holding ``color``."""
     return toyworld.Caption(
-        caption.background, tuple(dataclasses.replace(t, color=color) for t in caption.things)
+        caption.background,
+        tuple(dataclasses.replace(t, color=color) if not t.color else t for t in caption.things),
     )
 
 
@@ -108,29 +109,41 @@ def render_wild_batch(
     rng: np.random.Generator, n: int, config: PretrainConfig
 ) -> tuple[torch.Tensor, list[toyworld.Caption], np.ndarray]:
     """(n, 3, 64, 64) in [-1, 1]: one or two objects, each a random pattern (or a solid fill) in random
-    colours outside the palette, on the world's backgrounds: what concepts look like, never a built-in.
+    colours outside the palette, on the world's backgrounds: what concepts look like, never a built-in. In
+    a ``unet_wild_partners`` share of two-object scenes one of the two is a world object instead.
 
-    Their captions name shapes, sizes and background but no colour ("a small star on a gray background"):
-    the class prompts of concepts, which thus draw the variety of a class, as "a photo of a cat" does in
-    Stable Diffusion. With them, (n, 2, CODE_FEATURES) appearance features of each object, left one
-    first (zeros where there is none), from which the UNet's pool makes appearance codes.
+    Their captions name shapes, sizes and background but no colour ("a small star on a gray background";
+    a world object keeps its colour: "a star and a blue circle on a white background"): the class prompts
+    of concepts, which thus draw the variety of a class, as "a photo of a cat" does in Stable Diffusion.
+    With them, (n, 2, CODE_FEATURES) appearance features of each wild object in caption order (zeros
+    where there is none), from which the UNet's pool makes appearance codes.
     """
     images, captions = [], []
     features = np.zeros((n, 2, CODE_FEATURES), dtype=np.float32)
     for index in range(n):
         named = toyworld.sample_caption(rng, int(rng.integers(1, 3)))
-        wild = tuple(dataclasses.replace(thing, color=f"<w{i}>") for i, thing in enumerate(named.things))
-        concepts = {}
-        for slot, thing in enumerate(wild):
+        kept = -1  # the world object's index, if any: never one of a held-out combination
+        if config.unet_wild_partners and len(named.things) == 2 and rng.random() < config.unet_wild_partners:
+            kept = int(rng.integers(2))
+            if f"{named.things[kept].color} {named.things[kept].shape} {named.background}" in config.held_out:
+                kept = -1
+        things, concepts = [], {}
+        for place, thing in enumerate(named.things):
+            if place == kept:
+                things.append(thing)
+                continue
             colors = tuple(tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(2))
             pattern = str(rng.choice(toyworld.PATTERNS))
             solid = rng.random() < 0.25
             if solid:
                 colors = colors[:1] * 2
-            concepts[thing.color] = toyworld.Concept("wild", thing.shape, colors, pattern, "")
-            features[index, slot] = appearance_features(colors, None if solid else pattern)
-        images.append(toyworld.render(toyworld.Caption(named.background, wild), rng, concepts))
-        captions.append(drop_size(with_colour(named, ""), rng, config))
+            features[index, len(concepts)] = appearance_features(colors, None if solid else pattern)
+            token = f"<w{len(concepts)}>"
+            concepts[token] = toyworld.Concept("wild", thing.shape, colors, pattern, "")
+            things.append(dataclasses.replace(thing, color=token))
+        images.append(toyworld.render(toyworld.Caption(named.background, tuple(things)), rng, concepts))
+        colourless = [dataclasses.replace(t, color="") if t.is_concept else t for t in things]
+        captions.append(drop_size(toyworld.Caption(named.background, tuple(colourless)), rng, config))
     return to_tensor(np.stack(images)), captions, features
 
 
