@@ -396,6 +396,20 @@ def test_a_diffusers_concepts_list_gives_tokens_captions_and_each_concept_its_cl
         finetune.prepare_data(config, models.load_pipeline(tiny_pipeline_dir))
 
 
+def test_class_images_regularize_one_concept_as_they_are(tiny_pipeline_dir, concept_dir, tmp_path):
+    class_folder = tmp_path / "stars"
+    class_folder.mkdir()
+    for index, (image, _) in enumerate(toyworld.sample_scenes(3, seed=1, n_objects=1)):
+        files.save_png(class_folder / f"{index}.png", image)
+    config = config_for(concept_dir, tmp_path / "out", reg="generate", num_reg=3, class_images=class_folder)
+    _, _, regs = finetune.prepare_data(config, models.load_pipeline(tiny_pipeline_dir))
+    assert regs[0].captions == ("star",) * 3  # uncaptioned: the class word, as diffusers' class prompt
+    with pytest.raises(CustomDiffError, match="drop --reg none"):
+        config_for(concept_dir, tmp_path / "out", class_images=class_folder)  # config_for: --reg none
+    with pytest.raises(CustomDiffError, match="pass --class-images DIR too"):
+        config_for(concept_dir, tmp_path / "out", reg="generate", class_prompt="a star")
+
+
 def test_joint_two_object_views_set_each_concept_beside_its_class_alone(concept_dir, tmp_path):
     ring_dir = tmp_path / "donut"
     files.write_image_folder(

@@ -367,6 +367,14 @@ class FinetuneConfig:
         "regularization images: sampled from the base model, retrieved from --reg-dir by CLIP, or none",
     )
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
+    class_images: Path | None = option(
+        None,
+        "with --images: your own regularization images, used as they are instead of --reg's: a folder, or "
+        "an images.txt list of paths (diffusers' --class_data_dir)",
+    )
+    class_prompt: str | None = option(
+        None, "caption of --class-images that have none of their own (default: the class word)"
+    )
     num_reg: int = option(200, "number of regularization images")
     prior_loss_weight: float = option(
         1.0,
@@ -482,6 +490,13 @@ class FinetuneConfig:
             )
         if self.preview_prompts and not self.preview_every:
             raise CustomDiffError("--preview-prompts are drawn every --preview-every N steps: pass N")
+        if self.class_prompt and not self.class_images:
+            raise CustomDiffError("--class-prompt captions --class-images: pass --class-images DIR too")
+        if self.class_images and (self.images is None or self.reg == "none"):
+            raise CustomDiffError(
+                "--class-images regularize the concept of --images (a concepts list names each concept's "
+                '"class_data_dir"); pass --images DIR and drop --reg none'
+            )
         if self.reg == "retrieve" and self.reg_dir is None:
             raise CustomDiffError("--reg retrieve needs --reg-dir, a captioned image folder to retrieve from")
         if self.reg != "none" and self.batch_size % 2:
@@ -493,7 +508,16 @@ class FinetuneConfig:
     def concept_specs(self) -> list[ConceptSpec]:
         """The concepts to learn, in token order."""
         if self.images is not None:
-            return [ConceptSpec(Path(self.images), self.class_word, self.token, self.initializer)]
+            return [
+                ConceptSpec(
+                    Path(self.images),
+                    self.class_word,
+                    self.token,
+                    self.initializer,
+                    class_images=self.class_images,
+                    class_prompt=self.class_prompt or self.class_word,
+                )
+            ]
         if self.concept:
             specs = []
             for number, item in enumerate(self.concept, 1):
@@ -544,7 +568,7 @@ def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]
                 entry.get("initializer", initializer),
                 caption,
                 Path(class_images) if class_images else None,
-                class_prompt,
+                class_prompt or class_word,
             )
         )
     return specs
