@@ -496,7 +496,7 @@ def class_images(source: Path, prompt: str | None, n: int) -> list[tuple[Image.I
     source = Path(source)
     if not source.exists():
         raise CustomDiffError(
-            f'class images {source} ("class_data_dir") do not exist; pass a folder of images or an images.txt'
+            f"class images {source} do not exist; pass a folder of images or an images.txt list of them"
         )
     listing = source / "images.txt" if source.is_dir() else source
     if listing.is_file():
