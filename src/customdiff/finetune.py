@@ -332,7 +332,8 @@ def prepare_data(
     captions = [[example.caption for example in own] for own in examples]
     targets, regs = [], []
     for spec, own, own_captions in zip(specs, examples, captions, strict=True):
-        own_class_images = spec.class_images is not None and config.reg != "none"  # a concepts list's
+        # the user's own: --class-images, or a concepts list's "class_data_dir"
+        own_class_images = spec.class_images is not None and config.reg != "none"
         if own_class_images:
             reg_images = data.class_images(spec.class_images, spec.class_prompt, config.num_reg)
             prompts = [caption for _, caption in reg_images]

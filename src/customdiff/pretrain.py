@@ -59,8 +59,13 @@ SPLIT_FILE = "customdiff_split.json"  # beside a pretrained model: which caption
 def is_held_out(caption: toyworld.Caption, config: PretrainConfig) -> bool:
     """Whether training never sees this caption: it names a held-out "colour shape background"
     combination, or it is one of the unseen captions picked by a stable hash (the benchmark's prompts)."""
-    names = {f"{thing.color} {thing.shape} {caption.background}" for thing in caption.things}
-    return bool(names & set(config.held_out)) or zlib.crc32(str(caption).encode()) % config.unseen_every == 0
+    held = any(is_held_out_combination(thing, caption.background, config) for thing in caption.things)
+    return held or zlib.crc32(str(caption).encode()) % config.unseen_every == 0
+
+
+def is_held_out_combination(thing: toyworld.Thing, background: str, config: PretrainConfig) -> bool:
+    """Whether a thing on this background is one of the held-out "colour shape background" combinations."""
+    return f"{thing.color} {thing.shape} {background}" in config.held_out
 
 
 def training_captions(rng: np.random.Generator, n: int, config: PretrainConfig) -> list[toyworld.Caption]:
@@ -123,9 +128,10 @@ def render_wild_batch(
     for index in range(n):
         named = toyworld.sample_caption(rng, int(rng.integers(1, 3)))
         kept = -1  # the world object's index, if any: never one of a held-out combination
+        # no draw when the share is 0, so that the pools of earlier runs come out as they did
         if config.unet_wild_partners and len(named.things) == 2 and rng.random() < config.unet_wild_partners:
             kept = int(rng.integers(2))
-            if f"{named.things[kept].color} {named.things[kept].shape} {named.background}" in config.held_out:
+            if is_held_out_combination(named.things[kept], named.background, config):
                 kept = -1
         things, concepts = [], {}
         for place, thing in enumerate(named.things):
@@ -611,8 +617,8 @@ def unseen_captions(
     found: dict[str, None] = {}
     for _ in range(200_000):
         caption = toyworld.sample_caption(rng, n_objects)
-        names = {f"{thing.color} {thing.shape} {caption.background}" for thing in caption.things}
-        if is_held_out(caption, config) and bool(names & set(config.held_out)) == held_out_triple:
+        triple = any(is_held_out_combination(t, caption.background, config) for t in caption.things)
+        if is_held_out(caption, config) and triple == held_out_triple:
             found[str(caption)] = None
             if len(found) == n:
                 break
