@@ -374,16 +374,24 @@ def test_a_diffusers_concepts_list_gives_tokens_captions_and_each_concept_its_cl
             ]
         )
     )  # fmt: skip
-    config = FinetuneConfig(concepts_list=listing, out=tmp_path / "out", num_reg=3, composed_views=0.0)
+    config = FinetuneConfig(
+        concepts_list=listing,
+        out=tmp_path / "out",
+        num_reg=3,
+        composed_views=0.0,
+        cache_dir=tmp_path / "cache",
+    )
     specs = config.concept_specs()
     assert [(spec.token, spec.class_word) for spec in specs] == [("<new1>", "star"), ("<new2>", "ring")]
-    with pytest.warns(UserWarning, match="2 class images, fewer than --num-reg 3"):
+    with pytest.warns(UserWarning, match="2 class images, fewer than --num-reg 3; adding 1 sampled"):
         captions, _, regs = finetune.prepare_data(config, models.load_pipeline(tiny_pipeline_dir))
     own = [caption for _, _, caption in files.read_image_folder(concept_dir)]
     assert captions[0] == own and "<new1>" in own[0]  # its own captions win over the instance prompt
     assert captions[1] == ["a <new2> ring on a sand background"] * 3  # the instance prompt: no own captions
     assert regs[0].captions == tuple(caption for _, caption in scenes[:3])  # caption.txt, --num-reg of them
-    assert regs[1].captions == ("ring", "ring")
+    assert regs[1].captions == ("ring",) * 3  # topped up, as diffusers does, by one sampled from the model
+    assert len(list((tmp_path / "cache" / "regularization").glob("*/*.png"))) == 1  # into the cache
+    assert len(list(class_folder.iterdir())) == 2  # never into the user's folder
 
     listing.write_text(json.dumps([{"instance_data_dir": str(uncaptioned), "class_data_dir": "nowhere"}]))
     with pytest.raises(CustomDiffError, match='entry 1 needs "images"'):

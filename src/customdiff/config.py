@@ -369,8 +369,8 @@ class FinetuneConfig:
     reg_dir: Path | None = option(None, "captioned image folder to retrieve regularization images from")
     class_images: Path | None = option(
         None,
-        "with --images: your own regularization images, used as they are instead of --reg's: a folder, or "
-        "an images.txt list of paths (diffusers' --class_data_dir)",
+        "with --images: your own regularization images, used as they are (fewer than --num-reg: --reg adds "
+        "the rest): a folder, or an images.txt list of paths (diffusers' --class_data_dir)",
     )
     class_prompt: str | None = option(
         None, "caption of --class-images that have none of their own (default: the class word)"

@@ -477,6 +477,8 @@ def regularization_images(
     kind: str, pipe, prompts: list[str], n: int, reg_dir: Path | None, cache_dir: Path
 ) -> list[tuple[Image.Image, str]]:
     """The regularization set by ``kind``: "generate", "retrieve" (from ``reg_dir``) or "none"."""
+    if n <= 0:
+        return []
     if kind == "generate":
         return generated_regularization(pipe, prompts, n, cache_dir)
     if kind == "retrieve":
@@ -519,8 +521,6 @@ def class_images(source: Path, prompt: str | None, n: int) -> list[tuple[Image.I
         raise CustomDiffError(
             f'{uncaptioned[0]} (class images {source}) has no caption; give the concept a "class_prompt"'
         )
-    if len(records) < n:
-        warnings.warn(f"{source}: {len(records)} class images, fewer than --num-reg {n}", stacklevel=2)
     return [(image, caption) for _, image, caption in records]
 
 

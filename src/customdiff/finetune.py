@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -332,19 +333,28 @@ def prepare_data(
     captions = [[example.caption for example in own] for own in examples]
     targets, regs = [], []
     for spec, own, own_captions in zip(specs, examples, captions, strict=True):
-        # the user's own: --class-images, or a concepts list's "class_data_dir"
-        own_class_images = spec.class_images is not None and config.reg != "none"
-        if own_class_images:
-            reg_images = data.class_images(spec.class_images, spec.class_prompt, config.num_reg)
-            prompts = [caption for _, caption in reg_images]
+        # the user's own: --class-images, or a concepts list's "class_data_dir"; --reg tops them up
+        own_class = spec.class_images is not None and config.reg != "none"
+        class_images = (
+            data.class_images(spec.class_images, spec.class_prompt, config.num_reg) if own_class else []
+        )
+        if class_images:
+            prompts = list(dict.fromkeys(caption for _, caption in class_images))
         else:
             prompts = data.regularization_prompts(own_captions, tokens)
         for prompt in prompts:  # a caption word the tokenizer cannot spell fails here, before sampling
             models.check_prompt(pipe.tokenizer, prompt)
-        if not own_class_images:
-            reg_images = data.regularization_images(
-                config.reg, pipe, prompts, config.num_reg, config.reg_dir, cache_dir
+        missing = config.num_reg - len(class_images)
+        if class_images and missing > 0:  # as diffusers does; ours go to the cache, not into the folder
+            source = "sampled from the base model" if config.reg == "generate" else "retrieved from --reg-dir"
+            warnings.warn(
+                f"{spec.class_images}: {len(class_images)} class images, fewer than --num-reg "
+                f"{config.num_reg}; adding {missing} {source} for their captions",
+                stacklevel=2,
             )
+        reg_images = class_images + data.regularization_images(
+            config.reg, pipe, prompts, max(missing, 0), config.reg_dir, cache_dir
+        )
         scale, seed = pipe.vae_scale_factor, config.seed
         targets.append(  # a joint run's concepts never share a view: that cost them (docs/findings.md)
             data.target_pool(
