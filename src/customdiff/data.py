@@ -492,14 +492,14 @@ def class_images(source: Path, prompt: str | None, n: int) -> list[tuple[Image.I
     line, e.g. the ``images.txt`` of the paper's retrieval script, captioned by the lines of ``prompt``
     when it names a file, else of a ``caption.txt`` beside the list, else by ``prompt``).
 
+    Returns:
+        (image, caption) pairs; none for a missing or empty folder.
     Raises:
-        CustomDiffError: naming the folder or list when it is missing, or an image that has no caption.
+        CustomDiffError: naming the list when it lists no image, or an image that has no caption.
     """
     source = Path(source)
-    if not source.exists():
-        raise CustomDiffError(
-            f"class images {source} do not exist; pass a folder of images or an images.txt list of them"
-        )
+    if not source.exists() or (source.is_dir() and not any(source.iterdir())):
+        return []  # a class folder still to fill: diffusers samples it, and so does prepare_data
     listing = source / "images.txt" if source.is_dir() else source
     if listing.is_file():
         lines = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]

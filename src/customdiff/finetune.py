@@ -345,11 +345,13 @@ def prepare_data(
         for prompt in prompts:  # a caption word the tokenizer cannot spell fails here, before sampling
             models.check_prompt(pipe.tokenizer, prompt)
         missing = config.num_reg - len(class_images)
-        if class_images and missing > 0:  # as diffusers does; ours go to the cache, not into the folder
+        if own_class and missing > 0:  # as diffusers does; ours go to the cache, not into the folder
             source = "sampled from the base model" if config.reg == "generate" else "retrieved from --reg-dir"
+            found = (
+                f"{len(class_images)} class images, fewer than" if class_images else "no class images yet for"
+            )
             warnings.warn(
-                f"{spec.class_images}: {len(class_images)} class images, fewer than --num-reg "
-                f"{config.num_reg}; adding {missing} {source} for their captions",
+                f"{spec.class_images}: {found} --num-reg {config.num_reg}; adding {missing} {source}",
                 stacklevel=2,
             )
         reg_images = class_images + data.regularization_images(
