@@ -419,6 +419,25 @@ def test_class_images_regularize_one_concept_as_they_are(tiny_pipeline_dir, conc
         config_for(concept_dir, tmp_path / "out", reg="generate", class_prompt="a star")
 
 
+def test_an_instance_prompt_captions_uncaptioned_images_and_names_the_class(tiny_pipeline_dir, tmp_path):
+    uncaptioned = tmp_path / "donut"
+    uncaptioned.mkdir()
+    for index, (image, _) in enumerate(toyworld.concept_scenes(toyworld.get_concept("donut"), 2)):
+        files.save_png(uncaptioned / f"{index}.png", image)
+    prompt = "a <new1> ring on a sand background"  # diffusers' --instance_prompt
+    config = FinetuneConfig(images=uncaptioned, instance_prompt=prompt, out=tmp_path / "out", reg="none")
+    assert config.class_word == "ring"  # the word after the token, unless --class-word says otherwise
+    captions, _, _ = finetune.prepare_data(config, models.load_pipeline(tiny_pipeline_dir))
+    assert captions == [[prompt, prompt]]
+    for bad, error in (
+        ({"instance_prompt": "a ring"}, "names no class word after --token <new1>"),
+        ({"instance_prompt": "a ring <new1>"}, "names no class word after --token <new1>"),
+        ({"images": None}, "pass --images DIR too"),
+    ):
+        with pytest.raises(CustomDiffError, match=error):
+            FinetuneConfig(**{"images": uncaptioned, "instance_prompt": prompt, "reg": "none", **bad})
+
+
 def test_joint_two_object_views_set_each_concept_beside_its_class_alone(concept_dir, tmp_path):
     ring_dir = tmp_path / "donut"
     files.write_image_folder(

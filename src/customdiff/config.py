@@ -313,13 +313,13 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class ConceptSpec:
     """One concept to learn: its image folder, class word, modifier token and the token's initializer;
-    from a diffusers concepts list also the caption of its uncaptioned images and its own class images."""
+    as diffusers names them, also the caption of its uncaptioned images and its own class images."""
 
     images: Path
     class_word: str
     token: str
     initializer: str | None  # None: models.default_initializer picks one for the token
-    caption: str | None = None  # for images without one of their own (diffusers' "instance_prompt")
+    caption: str | None = None  # for images without one of their own (diffusers' instance prompt)
     class_images: Path | None = None  # its regularization images (diffusers' "class_data_dir")
     class_prompt: str | None = None  # their caption, or a file of one a line (diffusers' "class_prompt")
 
@@ -334,7 +334,14 @@ class FinetuneConfig:
     images: Path | None = option(
         None, "folder of the concept's images (captions from metadata.jsonl or .txt)", metavar="DIR"
     )
-    class_word: str | None = option(None, "the concept's class, e.g. cat or star; bare captions use it")
+    class_word: str | None = option(
+        None, "the concept's class, e.g. cat or star; bare captions use it (default: --instance-prompt's)"
+    )
+    instance_prompt: str | None = option(
+        None,
+        "with --images: caption of the images without one of their own, naming --token before the class "
+        'word, e.g. "photo of a <new1> cat" (diffusers\' --instance_prompt; default: photo of a TOKEN CLASS)',
+    )
     concept: tuple[str, ...] = option(
         (),
         "concepts to train jointly, DIR:CLASS each, e.g. --concept mug:mug --concept cat:cat "
@@ -449,6 +456,18 @@ class FinetuneConfig:
         fill_from_model(self, fallbacks)
         if self.token_lr is None:  # the paper trains the rows at the weights' learning rate
             object.__setattr__(self, "token_lr", self.lr)
+        if self.instance_prompt is not None:
+            after_token = class_word_after(self.instance_prompt, self.token)
+            if self.images is None:
+                raise CustomDiffError(
+                    "--instance-prompt captions the images of --images: pass --images DIR too"
+                )
+            if after_token is None:
+                raise CustomDiffError(
+                    f'--instance-prompt "{self.instance_prompt}" names no class word after --token '
+                    f'{self.token}; write it as "photo of a {self.token} cat"'
+                )
+            object.__setattr__(self, "class_word", self.class_word or after_token)
         given = [self.images is not None or self.class_word is not None, bool(self.concept)]
         given.append(self.concepts_list is not None)
         if sum(given) != 1 or (given[0] and (self.images is None or self.class_word is None)):
@@ -514,6 +533,7 @@ class FinetuneConfig:
                     self.class_word,
                     self.token,
                     self.initializer,
+                    self.instance_prompt,
                     class_images=self.class_images,
                     class_prompt=self.class_prompt or self.class_word,
                 )
@@ -527,6 +547,12 @@ class FinetuneConfig:
                 specs.append(ConceptSpec(Path(folder), class_word, f"<new{number}>", self.initializer))
             return specs
         return read_concepts_list(self.concepts_list, self.initializer)
+
+
+def class_word_after(prompt: str, token: str) -> str | None:
+    """The word after ``token`` in an instance prompt ("photo of a <new1> cat" → "cat"); None without one."""
+    words = prompt.split()
+    return words[words.index(token) + 1] if token in words[:-1] else None
 
 
 def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]:
@@ -550,7 +576,7 @@ def read_concepts_list(path: Path, initializer: str | None) -> list[ConceptSpec]
         words = caption.split() if isinstance(caption, str) else []
         named = [word for word in words if toyworld.MODIFIER_TOKEN.match(word)]
         token = entry.get("token") or (named[0] if named else f"<new{number}>")
-        after_token = words[words.index(token) + 1] if token in words[:-1] else None
+        after_token = class_word_after(" ".join(words), token)
         class_prompt = entry.get("class_prompt")
         one_word = isinstance(class_prompt, str) and re.fullmatch(r"[\w-]+", class_prompt)  # not a file
         class_word = entry.get("class_word") or after_token or (class_prompt if one_word else None)
