@@ -342,8 +342,10 @@ def test_train_and_generate_take_a_checkpoint_file(
     files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
     single = ("--model", tiny_checkpoint_file, "--model-config", tiny_pipeline_dir)
     train = ("train", "--images", images, "--class-word", "star", "--reg", "none", "--steps", 2, "--lr", 1e-2)
-    code, _, err = run_cli(*train, *single, "-o", tmp_path / "run")
+    code, out, err = run_cli(*train, *single, "-o", tmp_path / "run")
     assert code == 0, err
+    hint = f"--concept {tmp_path / 'run'} --model {tiny_checkpoint_file} --model-config {tiny_pipeline_dir}"
+    assert "next: customdiff generate 'a <new1> star on a " in out and out.rstrip().endswith(hint)
     prompt = ("generate", "a <new1> star on a gray background", "--concept", tmp_path / "run", "--n", 1)
     for name, model in (("file", single), ("folder", ("--model", tiny_pipeline_dir))):
         code, _, err = run_cli(*prompt, "--steps", 2, *model, "-o", tmp_path / name)

@@ -6,6 +6,7 @@ bug and keeps its traceback.
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -119,9 +120,14 @@ def generate(config: GenerateConfig) -> None:
 
 def train(config: FinetuneConfig) -> None:
     from customdiff import finetune
+    from customdiff.concept import load_concept
 
     path = finetune.train(config)
     print(f"wrote {path}, its diffusers files and run_config.json to {path.parent}")
+    model = (("--model", config.model), ("--model-config", config.model_config))
+    base = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in model if value is not None)
+    caption = load_concept(path).captions[0]
+    print(f"next: customdiff generate {shlex.quote(caption)} --concept {shlex.quote(str(path.parent))}{base}")
 
 
 def evaluate(config: EvalConfig) -> None:
