@@ -24,6 +24,7 @@ def test_generate_one_prompt(run_cli, tiny_pipeline_dir, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
     config = json.loads((out / "run_config.json").read_text())
     assert config["guidance"] == 6.0  # resolved: a folder without customdiff_defaults.toml gets the paper's
+    assert config["regions"] is False
     steered = tmp_path / "steered"
     code, stdout, _ = run_cli(
         "generate", "a red star on a gray background", "--n", 1, "--steps", 2, "--model", tiny_pipeline_dir,

@@ -183,6 +183,8 @@ def test_recommended_guidance_reads_the_model_folder_else_the_papers(tmp_path):
         models.recommended_guidance(pipe)
     toy = types.SimpleNamespace(name_or_path=str(models.TOY_MODEL_DIR))
     assert models.recommended_guidance(toy) == 3.0  # its UNet overshoots off-palette colours at 6
+    assert models.recommended_regions(toy)  # its concepts bleed into each other in two-object scenes
+    assert not models.recommended_regions(types.SimpleNamespace(name_or_path=None))
 
 
 def test_a_checkpoint_file_takes_the_defaults_of_its_config_folder(tmp_path):

@@ -111,7 +111,7 @@ def generate(config: GenerateConfig) -> None:
         apply_concept(pipe, config.concept)
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
-        negative_prompts=[config.negative_prompt] * len(prompts),
+        negative_prompts=[config.negative_prompt] * len(prompts), regions=config.regions,
     )  # fmt: skip
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)

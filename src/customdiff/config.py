@@ -34,6 +34,11 @@ MODEL_CONFIG_HELP = (
     "with --model FILE: a diffusers folder (or hub id) of the same architecture for its configs and "
     "tokenizer (default: the hub repo diffusers recognises in the file)"
 )
+REGIONS_HELP = (
+    "draw each object of a two-object toy-world caption in its own column (left named first) from its own "
+    "one-object caption after the first half of the steps, so that concepts do not bleed into each other "
+    "(default: the model's, else off); a prompt written WHOLE BREAK LEFT BREAK RIGHT is always drawn so"
+)
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
 
@@ -281,7 +286,7 @@ class GenerateConfig:
     """Generate images from prompts with a base model (default: the shipped toy model)."""
 
     command: ClassVar[str] = "generate"
-    model_settable: ClassVar[tuple[str, ...]] = ("guidance",)
+    model_settable: ClassVar[tuple[str, ...]] = ("guidance", "regions")
 
     prompt: tuple[str, ...] | None = positional(
         "the prompts, each in quotes (or give --prompts FILE)", optional=True
@@ -298,10 +303,11 @@ class GenerateConfig:
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     concept: Path | None = option(None, "concept.safetensors (or its folder) to apply to the model first")
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
+    regions: bool | None = option(None, REGIONS_HELP)
     batch_size: int = option(16, "images denoised at once")
 
     def __post_init__(self) -> None:
-        fill_from_model(self, {"guidance": PAPER_GUIDANCE})
+        fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})
         if isinstance(self.prompt, str):  # GenerateConfig("a red star") from code
             object.__setattr__(self, "prompt", (self.prompt,))
         if bool(self.prompt) == (self.prompts is not None):
@@ -605,7 +611,7 @@ class EvalConfig:
     """Score a concept as the paper does: text and image alignment, forgetting (KID), the toy judge."""
 
     command: ClassVar[str] = "generate"  # it samples as generate does: one guidance for both
-    model_settable: ClassVar[tuple[str, ...]] = ("guidance",)
+    model_settable: ClassVar[tuple[str, ...]] = ("guidance", "regions")
 
     concept: Path = positional("concept.safetensors (or its folder) to evaluate")
     out: Path = option(Path("runs/eval"), "folder for eval.json, eval.md and the samples", short="-o")
@@ -622,9 +628,10 @@ class EvalConfig:
     steps: int = option(50, "sampling steps")
     guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
     seed: int = option(0, "seed of sample 0 of each prompt")
+    regions: bool | None = option(None, REGIONS_HELP)
 
     def __post_init__(self) -> None:
-        fill_from_model(self, {"guidance": PAPER_GUIDANCE})
+        fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})
         if self.n < 2 or self.steps < 1:
             raise CustomDiffError("--n takes 2 or more (KID compares sets), --steps a positive number")
 

@@ -193,6 +193,7 @@ def evaluate(
     guidance: float | None = None,
     seed: int = 0,
     samples_dir: Path | None = None,
+    regions: bool | None = None,
 ) -> dict[str, float]:
     """Sample base and fine-tuned models on ``prompts`` and compute the paper's metrics (+ the judge's).
 
@@ -200,6 +201,8 @@ def evaluate(
         pipe: the base pipeline; the concept is applied for the fine-tuned samples and removed after.
         targets: token → its concept's training images (image alignment, the judge's signature).
         samples_dir: where to keep the samples as image folders ``finetuned/`` and ``base/`` (optional).
+        regions: draw two-object prompts naming a concept by column (default: the model's;
+            ``generate.sample``).
     Returns:
         metric name → value; judge metrics only for toy-world prompts and 64×64 samples.
     """
@@ -209,7 +212,9 @@ def evaluate(
     base = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
     applied = concepts.apply_concept(pipe, loaded)
     try:
-        tuned_concept = generate.sample(pipe, list(prompts.concept), n, steps, guidance, seed)
+        tuned_concept = generate.sample(
+            pipe, list(prompts.concept), n, steps, guidance, seed, regions=regions
+        )
         tuned_class = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
     finally:
         concepts.remove_concept(pipe, applied)
@@ -295,6 +300,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         config.guidance,
         config.seed,
         out / "samples",
+        config.regions,
     )
     write_report(out, Path(config.concept).name, metrics)
     save_config(config, out)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -10,6 +12,20 @@ from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from customdiff import files, models
+from customdiff import regions as regional
+
+
+class Job(NamedTuple):
+    """One image to sample: its place in the output, its prompt (and regions), negative prompt and seed."""
+
+    position: int
+    prompt: str
+    regions: regional.RegionalPrompt | None
+    negative: str
+    seed: int
+
+    def columns(self) -> int:
+        return len(self.regions.columns) if self.regions else 0
 
 
 @torch.no_grad()
@@ -23,38 +39,55 @@ def sample(
     batch_size: int = 16,
     progress: bool = True,
     negative_prompts: list[str] | None = None,
+    regions: bool | None = None,
 ) -> list[np.ndarray]:
     """``n`` images per prompt, (H, W, 3) uint8, prompt-major, at ``guidance`` (default: the model's
     ``models.recommended_guidance``), guided away from each prompt's negative prompt (default: empty).
 
-    Image ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the
-    batch size or on the other prompts of the run.
+    Prompts written ``WHOLE BREAK LEFT BREAK RIGHT`` are drawn by column (``regions.py``); with ``regions``
+    (default: ``models.recommended_regions``), two-object toy-world captions naming a concept too. Image
+    ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the batch
+    size or on the other prompts of the run.
     """
     negative_prompts = negative_prompts or [""] * len(prompts)
-    for prompt in prompts + negative_prompts:
-        models.check_prompt(pipe.tokenizer, prompt)
+    regions = models.recommended_regions(pipe) if regions is None else regions
+    split = [regional.split_prompt(prompt, regions) for prompt in prompts]
+    for prompt, parts in zip(prompts, split, strict=True):
+        for part in [parts.whole, *parts.columns] if parts else [prompt]:
+            models.check_prompt(pipe.tokenizer, part)
+    for negative in negative_prompts:
+        models.check_prompt(pipe.tokenizer, negative)
     guidance = models.recommended_guidance(pipe) if guidance is None else guidance
     jobs = [
-        (prompt, negative, seed + index)
-        for prompt, negative in zip(prompts, negative_prompts, strict=True)
+        Job(position * n + index, prompt, parts, negative, seed + index)
+        for position, (prompt, parts, negative) in enumerate(
+            zip(prompts, split, negative_prompts, strict=True)
+        )
         for index in range(n)
     ]
+    jobs.sort(key=Job.columns)  # prompts split into as many columns are denoised together
+    call = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}
     device = pipe.unet.device
-    images = []
-    batches = range(0, len(jobs), batch_size)
-    for start in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2):
-        batch = jobs[start : start + batch_size]
-        generators = [torch.Generator(device).manual_seed(job_seed) for _, _, job_seed in batch]
-        output = pipe(
-            [prompt for prompt, _, _ in batch],
-            negative_prompt=[negative for _, negative, _ in batch],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="np",
-        )
-        images += [(image * 255).round().astype(np.uint8) for image in output.images]
-    return images
+    batches = [
+        group[start : start + batch_size]
+        for group in (list(same) for _, same in itertools.groupby(jobs, key=Job.columns))
+        for start in range(0, len(group), batch_size)
+    ]
+    images: dict[int, np.ndarray] = {}
+    for batch in tqdm(batches, desc="generate", disable=not progress or len(batches) < 2):
+        generators = [torch.Generator(device).manual_seed(job.seed) for job in batch]
+        negatives = [job.negative for job in batch]
+        if batch[0].regions is None:
+            output = pipe(
+                [job.prompt for job in batch], negative_prompt=negatives, generator=generators, **call
+            )
+        else:
+            output = regional.sample_regional(
+                pipe, [job.regions for job in batch], negatives, generators, **call
+            )
+        for job, image in zip(batch, output.images, strict=True):
+            images[job.position] = (image * 255).round().astype(np.uint8)
+    return [images[position] for position in range(len(jobs))]
 
 
 def write_samples(out: Path, prompts: list[str], images: list[np.ndarray], n: int) -> None:

@@ -171,10 +171,18 @@ def recommended_guidance(pipe) -> float:
     """The guidance scale the pipeline's model folder sets for ``generate`` (``config.model_defaults``),
     else the paper's 6. The toy model sets 3: its palette-trained UNet pushes colours outside the palette
     into palette ones at 6, while world prompts come out as right at 3 (README, "Model defaults")."""
+    return _generate_defaults(pipe).get("guidance", PAPER_GUIDANCE)
+
+
+def recommended_regions(pipe) -> bool:
+    """Whether the pipeline's model folder has ``generate`` draw two-object captions naming a concept by
+    column (``regions.py``), else no. The toy model does: its concepts bleed into each other otherwise."""
+    return _generate_defaults(pipe).get("regions", False)
+
+
+def _generate_defaults(pipe) -> dict:
     folder = model_folder(pipe)
-    if folder is None:  # a pipeline built in code
-        return PAPER_GUIDANCE
-    return model_defaults(GenerateConfig, folder).get("guidance", PAPER_GUIDANCE)
+    return {} if folder is None else model_defaults(GenerateConfig, folder)  # None: built in code
 
 
 def model_folder(pipe) -> Path | None:

@@ -1,0 +1,126 @@
+"""Regional prompting: each object of a scene drawn in its own column from a prompt of its own.
+
+Why: a base model binds colours and looks poorly across two objects, so in `a <new1> star and a <new2>
+ring` each concept bleeds into the other and neither comes out whole (docs/findings.md, "Regional
+prompts"). As in AUTOMATIC1111's Regional Prompter (columns with a common prompt), the first share of the
+steps reads the whole prompt, which lays out the scene; after that, the cross-attention of each column of
+pixels reads only its own prompt. Only cross-attention changes; self-attention still ties the columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from customdiff import toyworld
+from customdiff.errors import CustomDiffError
+
+BREAK = " BREAK "  # between the whole prompt and each column's, left to right
+WHOLE_PROMPT_SHARE = 0.5  # of the sampling steps, before the columns take over (findings: 0.4–0.6 best)
+
+
+@dataclass(frozen=True)
+class RegionalPrompt:
+    """A prompt split into the whole scene's prompt and one prompt per column, left to right."""
+
+    whole: str
+    columns: tuple[str, ...]
+
+
+def split_prompt(prompt: str, split_toy_captions: bool) -> RegionalPrompt | None:
+    """The regions a prompt asks for: written as ``WHOLE BREAK LEFT BREAK RIGHT [BREAK …]``, or (with
+    ``split_toy_captions``) a two-object toy-world caption naming a concept, whose objects sit left and
+    right in the order named; None for a plain prompt."""
+    parts = [part.strip() for part in prompt.split(BREAK)]
+    if len(parts) == 2 or not all(parts):
+        raise CustomDiffError(
+            f'prompt "{prompt}" splits into {len(parts)} parts at BREAK; write "WHOLE BREAK LEFT BREAK RIGHT"'
+        )
+    if len(parts) > 2:
+        return RegionalPrompt(parts[0], tuple(parts[1:]))
+    caption = toyworld.caption_or_none(prompt) if split_toy_captions else None
+    if caption is None or len(caption.things) < 2:
+        return None
+    if not any(toyworld.MODIFIER_TOKEN.match(thing.color) for thing in caption.things):
+        return None  # the base model draws its own two-object scenes better whole (findings)
+    columns = tuple(
+        f"a {thing.color} {thing.shape} on a {caption.background} background" for thing in caption.things
+    )
+    return RegionalPrompt(prompt, columns)
+
+
+class ColumnAttention:
+    """Cross-attention whose context is the whole prompt's features followed by each column's.
+
+    Until ``by_column`` is set every pixel reads the whole prompt's block; after, the pixels of column i
+    read block i + 1 alone. Wraps the layer's own processor, which does the attention itself.
+    """
+
+    def __init__(self, inner, columns: int, width_over_height: float):
+        self.inner = inner
+        self.columns = columns
+        self.width_over_height = width_over_height
+        self.by_column = False
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        blocks = encoder_hidden_states.chunk(self.columns + 1, dim=1)
+        if not self.by_column:
+            return self.inner(attn, hidden_states, blocks[0], attention_mask, **kwargs)
+        outputs = [self.inner(attn, hidden_states, block, attention_mask, **kwargs) for block in blocks[1:]]
+        pixels = hidden_states.shape[1]
+        height = max(1, round((pixels / self.width_over_height) ** 0.5))
+        width = pixels // height
+        column = torch.arange(pixels, device=hidden_states.device) % width * self.columns // width
+        stacked = torch.stack(outputs)  # (columns, batch, pixels, channels)
+        index = column.view(1, 1, pixels, 1).expand(1, *stacked.shape[1:])
+        return stacked.gather(0, index)[0]
+
+
+def sample_regional(pipe, regional: list[RegionalPrompt], negatives: list[str], generators, **call):
+    """Run ``pipe`` on prompts that share a column count, their cross-attention split by column.
+
+    ``call`` holds the pipeline's other arguments (steps, guidance, size, output type).
+    """
+    columns = len(regional[0].columns)
+    steps = call["num_inference_steps"]
+    switch = round(WHOLE_PROMPT_SHARE * steps)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width_over_height = call.get("width", size) / call.get("height", size)
+    device = pipe.unet.device
+    blocks = [[prompt.whole, *prompt.columns] for prompt in regional]
+    encoded = [
+        pipe.encode_prompt(
+            prompt=[block[i] for block in blocks],
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negatives,
+        )
+        for i in range(columns + 1)
+    ]
+    embeds = {
+        "prompt_embeds": torch.cat([e[0] for e in encoded], dim=1),
+        "negative_prompt_embeds": torch.cat([encoded[0][1]] * (columns + 1), dim=1),
+    }
+    if len(encoded[0]) == 4:  # SDXL: the pooled features come from the whole prompt
+        embeds["pooled_prompt_embeds"] = encoded[0][2]
+        embeds["negative_pooled_prompt_embeds"] = encoded[0][3]
+    originals = pipe.unet.attn_processors
+    wrapped = {
+        name: ColumnAttention(processor, columns, width_over_height) if ".attn2." in name else processor
+        for name, processor in originals.items()
+    }
+    split = [processor for processor in wrapped.values() if isinstance(processor, ColumnAttention)]
+
+    def switch_at(pipeline, step, timestep, callback_kwargs):
+        for processor in split:
+            processor.by_column = step + 1 >= switch
+        return callback_kwargs
+
+    switch_at(pipe, -1, None, {})
+    pipe.unet.set_attn_processor(wrapped)
+    try:
+        return pipe(**embeds, generator=generators, callback_on_step_end=switch_at, **call)
+    finally:
+        pipe.unet.set_attn_processor(originals)

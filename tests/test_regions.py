@@ -1,0 +1,78 @@
+"""Regional prompts: how prompts split into columns, the column attention, and sampling with them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from customdiff import generate, models, regions
+from customdiff.concept import apply_concept
+from customdiff.errors import CustomDiffError
+
+
+def test_prompts_split_at_break_and_two_object_toy_captions_only_when_asked():
+    written = regions.split_prompt("two pets BREAK a <new1> dog BREAK a <new2> cat", False)
+    assert written == regions.RegionalPrompt("two pets", ("a <new1> dog", "a <new2> cat"))
+    caption = "a <new1> star and a blue ring on a sand background"
+    assert regions.split_prompt(caption, False) is None
+    assert regions.split_prompt(caption, True) == regions.RegionalPrompt(
+        caption, ("a <new1> star on a sand background", "a blue ring on a sand background")
+    )
+    assert regions.split_prompt("a small red star on a gray background", True) is None
+    assert regions.split_prompt("a red star and a blue ring on a sand background", True) is None
+    assert regions.split_prompt("a photo of a dog and a cat", True) is None
+    for bad in ("two pets BREAK a dog", "two pets BREAK  BREAK a cat"):
+        with pytest.raises(CustomDiffError, match="WHOLE BREAK LEFT BREAK RIGHT"):
+            regions.split_prompt(bad, False)
+
+
+def test_column_attention_reads_the_whole_prompt_then_each_column_its_own():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    inner = AttnProcessor2_0()
+    height, width = 2, 6  # a wide image: three columns of two pixels
+    pixels = torch.randn(1, height * width, 8)
+    whole, *columns = (torch.randn(1, 5, 6) for _ in range(4))
+    split = regions.ColumnAttention(inner, columns=3, width_over_height=width / height)
+    context = torch.cat([whole, *columns], dim=1)
+    assert torch.equal(split(attn, pixels, context), inner(attn, pixels, whole))
+    split.by_column = True
+    out = split(attn, pixels, context).view(height, width, 8)
+    for index, block in enumerate(columns):
+        alone = inner(attn, pixels, block).view(height, width, 8)
+        span = slice(2 * index, 2 * index + 2)
+        torch.testing.assert_close(out[:, span], alone[:, span])
+        assert not torch.allclose(out[:, span], inner(attn, pixels, whole).view(height, width, 8)[:, span])
+
+
+@pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])
+def test_regional_prompts_sample_in_order_beside_plain_ones(model, request, make_concept):
+    pipe = models.load_pipeline(request.getfixturevalue(model))
+    apply_concept(pipe, make_concept(pipe))
+    plain, scene = "a red star on a gray background", "a <new1> star and a blue ring on a gray background"
+    same = f"{plain} BREAK {plain} BREAK {plain}"
+    kwargs = {"n": 2, "steps": 3, "progress": False, "batch_size": 3}
+    alone = generate.sample(pipe, [plain], **kwargs)
+    mixed = generate.sample(pipe, [same, plain, scene], regions=True, **kwargs)
+    unsplit = generate.sample(pipe, [scene], **kwargs)
+    assert [image.shape for image in mixed] == [alone[0].shape] * 6
+    for got, want in zip(mixed[2:4], alone, strict=True):  # order kept; a plain prompt as if alone
+        assert np.array_equal(got, want)
+    for got, want in zip(mixed[:2], alone, strict=True):  # columns that repeat the prompt change nothing
+        assert np.abs(got.astype(int) - want).max() <= 1
+    assert all(not np.array_equal(got, want) for got, want in zip(mixed[4:], unsplit, strict=True))
+    assert not any(isinstance(p, regions.ColumnAttention) for p in pipe.unet.attn_processors.values())
+
+
+def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir, tmp_path):
+    scene = "a red star and a blue ring on a gray background"
+    scene += " BREAK a red star on a gray background BREAK a blue ring on a gray background"
+    out = tmp_path / "out"
+    args = ("--n", 1, "--steps", 2, "--model", tiny_pipeline_dir)
+    code, stdout, _ = run_cli("generate", scene, *args, "--regions", "-o", out)
+    assert code == 0, stdout
+    assert json.loads((out / "run_config.json").read_text())["regions"] is True
+    code, _, err = run_cli("generate", "a red star BREAK a blue ring", *args, "-o", tmp_path / "bad")
+    assert code == 2 and "WHOLE BREAK LEFT BREAK RIGHT" in err and len(err.strip().splitlines()) == 1
