@@ -4,7 +4,8 @@ merging of two separately trained concepts, and compression's cost, scored by th
 Trains ``<new1>`` (default: the starfish, a star) and ``<new2>`` (the donut, a ring) separately, then both
 jointly, merges the separate ones (the default weighted merge and the paper's constrained one), and
 compresses ``<new1>`` to 60% of its singular-value energy. Each is sampled on the paper's prompt kinds and
-read by the toy judge.
+read by the toy judge. Two-concept prompts are drawn a column a concept, the toy model's default, and
+whole (README, "Regional prompts").
 
     python benchmarks/multi_concept.py [--concepts starfish donut] [--steps N] [--n 4]
 
@@ -73,9 +74,9 @@ def main() -> None:
         pairs = [p for p in both.concept if evaluate.prompt_kind(p, tokens) == "two_concepts"]
         two = evaluate.Prompts(tuple(pairs), both.classes)
 
-        def scored(model: concept.Concept, prompts: evaluate.Prompts) -> dict[str, float]:
+        def scored(model: concept.Concept, prompts: evaluate.Prompts, **regions) -> dict[str, float]:
             return evaluate.evaluate(
-                pipe, model, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed
+                pipe, model, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed, **regions
             )
 
         named = dict(zip(tokens, built_ins, strict=True))
@@ -88,9 +89,11 @@ def main() -> None:
             f"joint, {tokens[0]} prompts": scored(joint, singles[0]),
             f"joint, {tokens[1]} prompts": scored(joint, singles[1]),
             "joint, two-concept prompts": scored(joint, two),
+            "joint, two-concept prompts drawn whole": scored(joint, two, regions=False),
             f"merged, {tokens[0]} prompts": scored(merged, singles[0]),
             f"merged, {tokens[1]} prompts": scored(merged, singles[1]),
             "merged, two-concept prompts": scored(merged, two),
+            "merged, two-concept prompts drawn whole": scored(merged, two, regions=False),
             f"paper's constrained merge, {tokens[0]} prompts": scored(constrained, singles[0]),
             f"paper's constrained merge, {tokens[1]} prompts": scored(constrained, singles[1]),
             "paper's constrained merge, two-concept prompts": scored(constrained, two),
