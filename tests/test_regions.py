@@ -12,9 +12,12 @@ from customdiff.concept import apply_concept
 from customdiff.errors import CustomDiffError
 
 
-def test_prompts_split_at_break_and_two_object_toy_captions_only_when_asked():
-    written = regions.split_prompt("two pets BREAK a <new1> dog BREAK a <new2> cat", False)
-    assert written == regions.RegionalPrompt("two pets", ("a <new1> dog", "a <new2> cat"))
+def test_with_regions_on_prompts_split_at_break_and_two_object_toy_captions_naming_a_concept():
+    written = "two pets BREAK a <new1> dog BREAK a <new2> cat"
+    assert regions.split_prompt(written, True) == regions.RegionalPrompt(
+        "two pets", ("a <new1> dog", "a <new2> cat")
+    )
+    assert regions.split_prompt(written, False) is None  # BREAK is a word like any other
     caption = "a <new1> star and a blue ring on a sand background"
     assert regions.split_prompt(caption, False) is None
     assert regions.split_prompt(caption, True) == regions.RegionalPrompt(
@@ -25,7 +28,7 @@ def test_prompts_split_at_break_and_two_object_toy_captions_only_when_asked():
     assert regions.split_prompt("a photo of a dog and a cat", True) is None
     for bad in ("two pets BREAK a dog", "two pets BREAK  BREAK a cat"):
         with pytest.raises(CustomDiffError, match="WHOLE BREAK LEFT BREAK RIGHT"):
-            regions.split_prompt(bad, False)
+            regions.split_prompt(bad, True)
 
 
 def test_column_attention_reads_the_whole_prompt_then_each_column_its_own():
@@ -74,5 +77,6 @@ def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir
     code, stdout, _ = run_cli("generate", scene, *args, "--regions", "-o", out)
     assert code == 0, stdout
     assert json.loads((out / "run_config.json").read_text())["regions"] is True
-    code, _, err = run_cli("generate", "a red star BREAK a blue ring", *args, "-o", tmp_path / "bad")
+    bad = ("generate", "a red star BREAK a blue ring", *args, "--regions", "-o", tmp_path / "bad")
+    code, _, err = run_cli(*bad)
     assert code == 2 and "WHOLE BREAK LEFT BREAK RIGHT" in err and len(err.strip().splitlines()) == 1

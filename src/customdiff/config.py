@@ -35,9 +35,10 @@ MODEL_CONFIG_HELP = (
     "tokenizer (default: the hub repo diffusers recognises in the file)"
 )
 REGIONS_HELP = (
-    "draw each object of a two-object toy-world caption that names a concept in its own column (left named "
-    "first), from its own one-object caption after half the steps, so that concepts do not bleed into each "
-    "other (default: the model's, else off); a prompt written WHOLE BREAK LEFT BREAK RIGHT always is"
+    "regional prompts: draw each object of a two-object toy-world caption that names a concept in its own "
+    "column (left named first), from its own one-object caption after half the steps, so that concepts do "
+    "not bleed into each other; any model: a prompt written WHOLE BREAK LEFT BREAK RIGHT, in equal columns "
+    "(default: the model's, else off)"
 )
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 

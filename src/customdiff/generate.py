@@ -44,8 +44,8 @@ def sample(
     """``n`` images per prompt, (H, W, 3) uint8, prompt-major, at ``guidance`` (default: the model's
     ``models.recommended_guidance``), guided away from each prompt's negative prompt (default: empty).
 
-    Prompts written ``WHOLE BREAK LEFT BREAK RIGHT`` are drawn by column (``regions.py``); with ``regions``
-    (default: ``models.recommended_regions``), two-object toy-world captions naming a concept too. Image
+    With ``regions`` (default: ``models.recommended_regions``), prompts written ``WHOLE BREAK LEFT BREAK
+    RIGHT`` and two-object toy-world captions naming a concept are drawn by column (``regions.py``). Image
     ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the batch
     size or on the other prompts of the run.
     """

@@ -28,10 +28,12 @@ class RegionalPrompt:
     columns: tuple[str, ...]
 
 
-def split_prompt(prompt: str, split_toy_captions: bool) -> RegionalPrompt | None:
-    """The regions a prompt asks for: written as ``WHOLE BREAK LEFT BREAK RIGHT [BREAK …]``, or (with
-    ``split_toy_captions``) a two-object toy-world caption naming a concept, whose objects sit left and
-    right in the order named; None for a plain prompt."""
+def split_prompt(prompt: str, regions: bool) -> RegionalPrompt | None:
+    """The regions a prompt asks for, when ``regions`` is on: written as ``WHOLE BREAK LEFT BREAK RIGHT
+    [BREAK …]``, or a two-object toy-world caption naming a concept, whose objects sit left and right in the
+    order named; None for a plain prompt or with ``regions`` off (BREAK is then a word like any other)."""
+    if not regions:
+        return None
     parts = [part.strip() for part in prompt.split(BREAK)]
     if len(parts) == 2 or not all(parts):
         raise CustomDiffError(
@@ -39,7 +41,7 @@ def split_prompt(prompt: str, split_toy_captions: bool) -> RegionalPrompt | None
         )
     if len(parts) > 2:
         return RegionalPrompt(parts[0], tuple(parts[1:]))
-    caption = toyworld.caption_or_none(prompt) if split_toy_captions else None
+    caption = toyworld.caption_or_none(prompt)
     if caption is None or len(caption.things) < 2:
         return None
     if not any(toyworld.MODIFIER_TOKEN.match(thing.color) for thing in caption.things):
