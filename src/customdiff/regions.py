@@ -91,12 +91,12 @@ def sample_regional(pipe, regional: list[RegionalPrompt], negatives: list[str], 
     width_over_height = call.get("width", size) / call.get("height", size)
     device = pipe.unet.device
     blocks = [[prompt.whole, *prompt.columns] for prompt in regional]
-    encoded = [
+    encoded = [  # the negative prompts once, with the whole prompts: every block shares them
         pipe.encode_prompt(
             prompt=[block[i] for block in blocks],
             device=device,
             num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
+            do_classifier_free_guidance=i == 0,
             negative_prompt=negatives,
         )
         for i in range(columns + 1)
