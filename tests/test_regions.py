@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from PIL import Image
 
 from customdiff import generate, models, regions
-from customdiff.concept import apply_concept
+from customdiff.concept import apply_concept, save_concept
 from customdiff.errors import CustomDiffError
 
 
@@ -50,6 +51,53 @@ def test_column_attention_reads_the_whole_prompt_then_each_column_its_own():
         assert not torch.allclose(out[:, span], inner(attn, pixels, whole).view(height, width, 8)[:, span])
 
 
+def test_column_attention_reads_blocks_naming_no_concept_with_the_base_weights():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    inner = AttnProcessor2_0()
+    base = {name: attn.get_parameter(name).detach().clone() for name in ("to_k.weight", "to_v.weight")}
+    with torch.no_grad():  # the concept's K/V
+        attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
+        attn.to_v.weight.add_(torch.randn_like(attn.to_v.weight))
+    tuned = {name: attn.get_parameter(name).detach().clone() for name in base}
+    pixels = torch.randn(4, 2 * 4, 8)  # two prompts, each in both guidance branches; two columns of 2×2
+    whole, left, right = (torch.randn(4, 5, 6) for _ in range(3))
+    plain = torch.tensor([[False, True, False], [False, False, True]])  # prompt 0's left, prompt 1's right
+    split = regions.ColumnAttention(inner, 2, width_over_height=2.0, base_weights=base, plain=plain)
+    context = torch.cat([whole, left, right], dim=1)
+    assert torch.equal(split(attn, pixels, context), inner(attn, pixels, whole))
+    split.by_column = True
+    out = split(attn, pixels, context).view(4, 2, 4, 8)
+    for weights, block, span, rows in [
+        (tuned, left, slice(0, 2), [1, 3]),
+        (tuned, right, slice(2, 4), [0, 2]),
+        (base, left, slice(0, 2), [0, 2]),
+        (base, right, slice(2, 4), [1, 3]),
+    ]:
+        with regions._weights(attn, weights):
+            want = inner(attn, pixels, block).view(4, 2, 4, 8)
+        torch.testing.assert_close(out[rows, :, span], want[rows, :, span])
+    assert all(torch.equal(attn.get_parameter(name), tuned[name]) for name in base)
+
+
+@pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])
+def test_a_concept_acts_only_in_the_blocks_naming_its_token(model, request, make_concept):
+    base_pipe = models.load_pipeline(request.getfixturevalue(model))
+    pipe = models.load_pipeline(request.getfixturevalue(model))
+    applied = apply_concept(pipe, make_concept(pipe, scale=1.0))
+    weights = {name: p.detach().clone() for name, p in pipe.unet.named_parameters() if ".attn2." in name}
+    plain = "a red star and a blue ring BREAK a red star on a gray background BREAK a blue ring"
+    named = "a <new1> star and a blue ring BREAK a <new1> star on a gray background BREAK a blue ring"
+    kwargs = {"n": 1, "steps": 3, "progress": False, "regions": True}
+    as_base = generate.sample(base_pipe, [plain], **kwargs)[0]
+    gated, gated_named = generate.sample(pipe, [plain, named], concept=applied, **kwargs)
+    everywhere = generate.sample(pipe, [plain], **kwargs)[0]
+    assert np.array_equal(gated, as_base)  # no block names the token: the base model's image
+    assert not np.array_equal(everywhere, as_base)
+    assert not np.array_equal(gated_named, generate.sample(pipe, [named], **kwargs)[0])
+    assert all(torch.equal(p, weights[name]) for name, p in pipe.unet.named_parameters() if name in weights)
+
+
 @pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])
 def test_regional_prompts_sample_in_order_beside_plain_ones(model, request, make_concept):
     pipe = models.load_pipeline(request.getfixturevalue(model))
@@ -69,7 +117,7 @@ def test_regional_prompts_sample_in_order_beside_plain_ones(model, request, make
     assert not any(isinstance(p, regions.ColumnAttention) for p in pipe.unet.attn_processors.values())
 
 
-def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir, tmp_path):
+def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir, make_concept, tmp_path):
     scene = "a red star and a blue ring on a gray background"
     scene += " BREAK a red star on a gray background BREAK a blue ring on a gray background"
     out = tmp_path / "out"
@@ -77,6 +125,13 @@ def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir
     code, stdout, _ = run_cli("generate", scene, *args, "--regions", "-o", out)
     assert code == 0, stdout
     assert json.loads((out / "run_config.json").read_text())["regions"] is True
+    save_concept(tmp_path / "concept", make_concept(models.load_pipeline(tiny_pipeline_dir), scale=1.0))
+    code, stdout, _ = run_cli(
+        "generate", scene, *args, "--regions", "--concept", tmp_path / "concept", "-o", tmp_path / "gated"
+    )
+    assert code == 0, stdout
+    read = [np.asarray(Image.open(folder / "00000.png")) for folder in (out, tmp_path / "gated")]
+    assert np.array_equal(*read)  # no block names the concept's token
     bad = ("generate", "a red star BREAK a blue ring", *args, "--regions", "-o", tmp_path / "bad")
     code, _, err = run_cli(*bad)
     assert code == 2 and "WHOLE BREAK LEFT BREAK RIGHT" in err and len(err.strip().splitlines()) == 1

@@ -105,13 +105,14 @@ def generate(config: GenerateConfig) -> None:
     prompts = list(config.prompt) if config.prompt else sampling.read_prompts(config.prompts)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
+    applied = None
     if config.concept is not None:
         from customdiff.concept import apply_concept
 
-        apply_concept(pipe, config.concept)
+        applied = apply_concept(pipe, config.concept)
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
-        negative_prompts=[config.negative_prompt] * len(prompts), regions=config.regions,
+        negative_prompts=[config.negative_prompt] * len(prompts), regions=config.regions, concept=applied,
     )  # fmt: skip
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)

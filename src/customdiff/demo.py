@@ -132,7 +132,7 @@ def concept_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
 def _teach(out: Path, name: str, token: str, seed: int) -> tuple:
     """One built-in concept taught as ``token``: the concept and its grid beside the base model."""
     from customdiff import evaluate, finetune, generate, models, toyjudge
-    from customdiff.concept import load_concept
+    from customdiff.concept import apply_concept, load_concept
     from customdiff.config import FinetuneConfig
 
     concept = toyworld.get_concept(name)
@@ -147,8 +147,10 @@ def _teach(out: Path, name: str, token: str, seed: int) -> tuple:
         images, concept.shape, out=out / name, token=token, steps=DEMO_STEPS, num_reg=DEMO_REG_IMAGES,
         seed=seed,
     )  # fmt: skip
-    trained = load_concept(finetune.train(config, pipe))
-    tuned = generate.sample(pipe, tuned_prompts, n=2, seed=seed, progress=False)
+    trained = load_concept(finetune.train(config))
+    tuned = generate.sample(
+        pipe, tuned_prompts, n=2, seed=seed, progress=False, concept=apply_concept(pipe, trained)
+    )
     grid = (("base", base, base_prompts), ("tuned", tuned, tuned_prompts))
     _judged_grid(out / f"{name}.png", grid, {token: toyjudge.builtin_signature(name)})
     return trained, [
@@ -171,8 +173,8 @@ def _merged_samples(out: Path, pipe, merged, seed: int) -> list[tuple[Path, str]
     ][:4]
     base_prompts = _base_prompts(prompts, list(tokens))
     base = generate.sample(pipe, base_prompts, n=2, seed=seed, progress=False)
-    apply_concept(pipe, merged)
-    tuned = generate.sample(pipe, prompts, n=2, seed=seed, progress=False)
+    applied = apply_concept(pipe, merged)
+    tuned = generate.sample(pipe, prompts, n=2, seed=seed, progress=False, concept=applied)
     names = zip(tokens, DEMO_CONCEPTS, strict=True)
     signatures = {token: toyjudge.builtin_signature(name) for token, name in names}
     grid = (("base", base, base_prompts), ("merged", tuned, prompts))

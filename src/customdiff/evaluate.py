@@ -213,7 +213,7 @@ def evaluate(
     applied = concepts.apply_concept(pipe, loaded)
     try:
         tuned_concept = generate.sample(
-            pipe, list(prompts.concept), n, steps, guidance, seed, regions=regions
+            pipe, list(prompts.concept), n, steps, guidance, seed, regions=regions, concept=applied
         )
         tuned_class = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from tqdm.auto import tqdm
 
 from customdiff import files, models
 from customdiff import regions as regional
+
+if TYPE_CHECKING:
+    from customdiff.concept import AppliedConcept
 
 
 class Job(NamedTuple):
@@ -40,12 +43,14 @@ def sample(
     progress: bool = True,
     negative_prompts: list[str] | None = None,
     regions: bool | None = None,
+    concept: AppliedConcept | None = None,
 ) -> list[np.ndarray]:
     """``n`` images per prompt, (H, W, 3) uint8, prompt-major, at ``guidance`` (default: the model's
     ``models.recommended_guidance``), guided away from each prompt's negative prompt (default: empty).
 
     With ``regions`` (default: ``models.recommended_regions``), prompts written ``WHOLE BREAK LEFT BREAK
-    RIGHT`` and two-object toy-world captions naming a concept are drawn by column (``regions.py``). Image
+    RIGHT`` and two-object toy-world captions naming a concept are drawn by column (``regions.py``); there
+    ``concept``, the one ``apply_concept`` put on ``pipe``, acts only on the blocks naming its tokens. Image
     ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the batch
     size or on the other prompts of the run.
     """
@@ -83,7 +88,7 @@ def sample(
             )
         else:
             output = regional.sample_regional(
-                pipe, [job.regions for job in batch], negatives, generators, **call
+                pipe, [job.regions for job in batch], negatives, generators, concept, **call
             )
         for job, image in zip(batch, output.images, strict=True):
             images[job.position] = (image * 255).round().astype(np.uint8)

@@ -5,13 +5,22 @@ ring` each concept bleeds into the other and neither comes out whole (docs/findi
 prompts"). As in AUTOMATIC1111's Regional Prompter (columns with a common prompt), the first share of the
 steps reads the whole prompt, which lays out the scene; after that, the cross-attention of each column of
 pixels reads only its own prompt. Only cross-attention changes; self-attention still ties the columns.
+
+A concept acts only where its tokens are named, as the Regional Prompter's LoRA in regions: a prompt
+block that names none of them is read with the base model's cross-attention weights, so that the world
+object beside a concept is drawn as the base model draws it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from customdiff.concept import AppliedConcept
 
 from customdiff import toyworld
 from customdiff.errors import CustomDiffError
@@ -52,24 +61,65 @@ def split_prompt(prompt: str, regions: bool) -> RegionalPrompt | None:
     return RegionalPrompt(prompt, columns)
 
 
+@contextmanager
+def _weights(module: torch.nn.Module, replacements: dict[str, torch.Tensor]):
+    """``module`` with some of its parameters' values replaced (by name, as ``get_parameter`` takes it)."""
+    parameters = {name: module.get_parameter(name) for name in replacements}
+    current = {name: parameter.data for name, parameter in parameters.items()}
+    for name, parameter in parameters.items():
+        parameter.data = replacements[name]
+    try:
+        yield
+    finally:
+        for name, parameter in parameters.items():
+            parameter.data = current[name]
+
+
 class ColumnAttention:
     """Cross-attention whose context is the whole prompt's features followed by each column's.
 
     Until ``by_column`` is set every pixel reads the whole prompt's block; after, the pixels of column i
-    read block i + 1 alone. Wraps the layer's own processor, which does the attention itself.
+    read block i + 1 alone. Wraps the layer's own processor, which does the attention itself. Where
+    ``plain`` (prompts, blocks) marks a block that names no concept token, that prompt's block is read
+    with ``base_weights``, the layer's parameters before the concept (both guidance branches alike).
     """
 
-    def __init__(self, inner, columns: int, width_over_height: float):
+    def __init__(
+        self,
+        inner,
+        columns: int,
+        width_over_height: float,
+        base_weights: dict[str, torch.Tensor] | None = None,
+        plain: torch.Tensor | None = None,
+    ):
         self.inner = inner
         self.columns = columns
         self.width_over_height = width_over_height
+        self.base_weights = base_weights or {}
+        self.plain = plain
         self.by_column = False
+
+    def _read(self, attn, hidden_states, block: torch.Tensor, index: int, attention_mask, **kwargs):
+        """The attention output of every pixel reading block ``index``, each prompt with its weights."""
+        plain = None if self.plain is None or not self.base_weights else self.plain[:, index]
+        if plain is None or not plain.any():
+            return self.inner(attn, hidden_states, block, attention_mask, **kwargs)
+        with _weights(attn, self.base_weights):
+            base = self.inner(attn, hidden_states, block, attention_mask, **kwargs)
+        if plain.all():
+            return base
+        tuned = self.inner(attn, hidden_states, block, attention_mask, **kwargs)
+        plain = plain.repeat(len(hidden_states) // len(plain))  # the guidance branches share the prompt's
+        return torch.where(plain.to(base.device).view(-1, 1, 1), base, tuned)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         blocks = encoder_hidden_states.chunk(self.columns + 1, dim=1)
         if not self.by_column:
-            return self.inner(attn, hidden_states, blocks[0], attention_mask, **kwargs)
-        outputs = [self.inner(attn, hidden_states, block, attention_mask, **kwargs) for block in blocks[1:]]
+            return self._read(attn, hidden_states, blocks[0], 0, attention_mask, **kwargs)
+        outputs = [
+            self._read(attn, hidden_states, block, index, attention_mask, **kwargs)
+            for index, block in enumerate(blocks[1:], 1)
+        ]
         pixels = hidden_states.shape[1]
         height = max(1, round((pixels / self.width_over_height) ** 0.5))
         width = pixels // height
@@ -79,10 +129,38 @@ class ColumnAttention:
         return stacked.gather(0, index)[0]
 
 
-def sample_regional(pipe, regional: list[RegionalPrompt], negatives: list[str], generators, **call):
+def _names_none(tokenizer, block: str, tokens: tuple[str, ...]) -> bool:
+    """Whether a prompt block names none of ``tokens`` (as the tokenizer splits it)."""
+    ids = set(tokenizer(block).input_ids)
+    return not any(tokenizer.convert_tokens_to_ids(token) in ids for token in tokens)
+
+
+def _base_cross_attention(
+    applied: AppliedConcept, layer: str, like: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """The parameters of cross-attention ``layer`` (``….attn2``) that the concept replaced, as they were."""
+    prefix = f"unet.{layer}."
+    parameters = dict(like.named_parameters())
+    return {
+        name.removeprefix(prefix): original.to(parameters[name.removeprefix(prefix)])
+        for name, original in applied.originals.items()
+        if name.startswith(prefix)
+    }
+
+
+def sample_regional(
+    pipe,
+    regional: list[RegionalPrompt],
+    negatives: list[str],
+    generators,
+    concept: AppliedConcept | None = None,
+    **call,
+):
     """Run ``pipe`` on prompts that share a column count, their cross-attention split by column.
 
-    ``call`` holds the pipeline's other arguments (steps, guidance, size, output type).
+    ``concept``: the concept applied to ``pipe``; prompt blocks that name none of its tokens are read with
+    the cross-attention weights it replaced. ``call`` holds the pipeline's other arguments (steps,
+    guidance, size, output type).
     """
     columns = len(regional[0].columns)
     steps = call["num_inference_steps"]
@@ -108,11 +186,20 @@ def sample_regional(pipe, regional: list[RegionalPrompt], negatives: list[str], 
     if len(encoded[0]) == 4:  # SDXL: the pooled features come from the whole prompt
         embeds["pooled_prompt_embeds"] = encoded[0][2]
         embeds["negative_pooled_prompt_embeds"] = encoded[0][3]
+    plain = None
+    if concept is not None:
+        plain = torch.tensor(
+            [[_names_none(pipe.tokenizer, block, concept.concept.tokens) for block in row] for row in blocks]
+        )
     originals = pipe.unet.attn_processors
-    wrapped = {
-        name: ColumnAttention(processor, columns, width_over_height) if ".attn2." in name else processor
-        for name, processor in originals.items()
-    }
+    wrapped = {}
+    for name, processor in originals.items():
+        if ".attn2." not in name:
+            wrapped[name] = processor
+            continue
+        layer = name.removesuffix(".processor")
+        base = _base_cross_attention(concept, layer, pipe.unet.get_submodule(layer)) if concept else None
+        wrapped[name] = ColumnAttention(processor, columns, width_over_height, base, plain)
     split = [processor for processor in wrapped.values() if isinstance(processor, ColumnAttention)]
 
     def switch_at(pipeline, step, timestep, callback_kwargs):
