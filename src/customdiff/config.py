@@ -37,8 +37,8 @@ MODEL_CONFIG_HELP = (
 REGIONS_HELP = (
     "regional prompts: draw each object of a two-object toy-world caption that names a concept in its own "
     "column (left named first), from its own one-object caption after half the steps, so that concepts do "
-    "not bleed into each other; any model: a prompt written WHOLE BREAK LEFT BREAK RIGHT, in equal columns "
-    "(default: the model's, else off)"
+    "not bleed into each other, a concept's weights acting only where its token is named; any model: a "
+    "prompt written WHOLE BREAK LEFT BREAK RIGHT, in equal columns (default: the model's, else off)"
 )
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
