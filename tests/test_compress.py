@@ -48,6 +48,8 @@ def test_full_rank_reproduces_the_delta_and_a_low_rank_delta_is_kept_exactly():
 
 def test_a_compressed_concept_round_trips_and_shrinks(tmp_path):
     original = a_concept()
+    part = concept.Part(("<new1>",), {name: delta.clone() for name, delta in original.deltas.items()})
+    original = concept.Concept(**{**original.__dict__, "parts": (part,)})
     full_path = concept.save_concept(tmp_path / "full", original)
     small = compress.compress_concept(original, energy=0.6)
     small_path = concept.save_concept(tmp_path / "small", small)
@@ -56,6 +58,8 @@ def test_a_compressed_concept_round_trips_and_shrinks(tmp_path):
     for name, (up, down) in small.factors.items():
         assert torch.equal(loaded.factors[name][0], up) and torch.equal(loaded.factors[name][1], down)
         torch.testing.assert_close(loaded.deltas[name], up @ down)
+        part_up, part_down = loaded.parts[0].factors[name]  # a merged concept's parts compress alike
+        assert torch.equal(part_up, up) and torch.equal(part_down, down)
     assert torch.equal(loaded.token_embeddings, original.token_embeddings)
 
 

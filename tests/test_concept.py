@@ -40,11 +40,19 @@ def test_save_then_load_round_trips_exactly(tmp_path):
         },
         captions=("a <new1> star on a gray background", "a <new2> ring on a sand background"),
         config={"steps": 250, "lr": 1e-5},
+        parts=tuple(
+            concept.Part((token,), {"unet.down.attn2.to_k.weight": torch.randn(8, 32)})
+            for token in ("<new1>", "<new2>")
+        ),
     )
     path = concept.save_concept(tmp_path, original)
     loaded = concept.load_concept(path)
     assert loaded.deltas.keys() == original.deltas.keys()
     assert all(torch.equal(loaded.deltas[name], original.deltas[name]) for name in original.deltas)
+    assert [part.tokens for part in loaded.parts] == [("<new1>",), ("<new2>",)]
+    for got, want in zip(loaded.parts, original.parts, strict=True):
+        assert got.deltas.keys() == want.deltas.keys()
+        assert all(torch.equal(got.deltas[name], want.deltas[name]) for name in want.deltas)
     assert torch.equal(loaded.token_embeddings, original.token_embeddings)
     same = ("base_hash", "mode", "tokens", "class_words", "initializers", "captions", "config")
     assert all(getattr(loaded, field) == getattr(original, field) for field in same)

@@ -196,6 +196,19 @@ def test_merging_one_concept_returns_it(tiny_pipeline_dir, random_concept):
     assert merge.merge_concepts(pipe, [only], ["a red star on a gray background"])[0] is only
 
 
+def test_merging_a_merged_concept_keeps_every_part(tiny_pipeline_dir, random_concept, make_concept):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    star, ring = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
+    kite = make_concept(pipe, "<new3>", 3, scale=0.1, captions=("a <new3> triangle on a sky background",))
+    captions = merge.regularization_captions(pipe.tokenizer, 50)
+    pair, _ = merge.merge_concepts(pipe, [star, ring], captions)
+    star_part, ring_part = pair.parts
+    assert merge.rename_tokens(pair, {"<new2>": "<new9>"}).parts[1].tokens == ("<new9>",)
+    trio, _ = merge.merge_concepts(pipe, [pair, kite], captions)
+    assert [part.tokens for part in trio.parts] == [("<new1>",), ("<new2>",), ("<new3>",)]
+    assert trio.parts[0] is star_part and trio.parts[1] is ring_part
+
+
 def test_clashing_tokens_get_the_first_newn_no_concept_uses(tiny_pipeline_dir, random_concept):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     star, ring = random_concept(pipe, "<new1>", 1), random_concept(pipe, "<new2>", 2)
@@ -255,6 +268,9 @@ def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
     assert f"{tmp_path / 'ring1' / 'concept.safetensors'}: <new1> is <new2> in the merged concept" in out
     renamed, expected = concept.load_concept(tmp_path / "renamed"), concept.load_concept(tmp_path / "merged")
     assert renamed.tokens == expected.tokens and renamed.captions == expected.captions
+    assert [part.tokens for part in renamed.parts] == [("<new1>",), ("<new2>",)]
+    ring = concept.load_concept(tmp_path / "new2").deltas  # each part keeps its own run's deltas
+    assert all(torch.equal(renamed.parts[1].deltas[name], delta) for name, delta in ring.items())
     for name, delta in expected.deltas.items():
         assert torch.allclose(renamed.deltas[name], delta, atol=1e-6)
     other_base = tmp_path / "other"

@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from customdiff import generate, models, regions
+from customdiff import generate, merge, models, regions
 from customdiff.concept import apply_concept, save_concept
 from customdiff.errors import CustomDiffError
 
@@ -51,33 +51,32 @@ def test_column_attention_reads_the_whole_prompt_then_each_column_its_own():
         assert not torch.allclose(out[:, span], inner(attn, pixels, whole).view(height, width, 8)[:, span])
 
 
-def test_column_attention_reads_blocks_naming_no_concept_with_the_base_weights():
+def test_column_attention_reads_each_prompts_blocks_with_the_weights_chosen_for_them():
     torch.manual_seed(0)
     attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
     inner = AttnProcessor2_0()
-    base = {name: attn.get_parameter(name).detach().clone() for name in ("to_k.weight", "to_v.weight")}
-    with torch.no_grad():  # the concept's K/V
-        attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
-        attn.to_v.weight.add_(torch.randn_like(attn.to_v.weight))
-    tuned = {name: attn.get_parameter(name).detach().clone() for name in base}
-    pixels = torch.randn(4, 2 * 4, 8)  # two prompts, each in both guidance branches; two columns of 2×2
-    whole, left, right = (torch.randn(4, 5, 6) for _ in range(3))
-    plain = torch.tensor([[False, True, False], [False, False, True]])  # prompt 0's left, prompt 1's right
-    split = regions.ColumnAttention(inner, 2, width_over_height=2.0, base_weights=base, plain=plain)
+    names = ("to_k.weight", "to_v.weight")
+    own = {name: attn.get_parameter(name).detach().clone() for name in names}
+    sets = tuple({name: torch.randn_like(own[name]) for name in names} for _ in range(2))
+    pixels = torch.randn(6, 2 * 4, 8)  # three prompts, each in both guidance branches; two columns of 2×2
+    whole, left, right = (torch.randn(6, 5, 6) for _ in range(3))
+    choice = torch.tensor([[-1, 0, -1], [-1, -1, 1], [1, 1, 0]])  # -1: the layer's own weights
+    split = regions.ColumnAttention(inner, 2, width_over_height=2.0, weight_sets=sets, choice=choice)
     context = torch.cat([whole, left, right], dim=1)
-    assert torch.equal(split(attn, pixels, context), inner(attn, pixels, whole))
+    before = split(attn, pixels, context)
+    torch.testing.assert_close(before[[0, 1, 3, 4]], inner(attn, pixels, whole)[[0, 1, 3, 4]])
+    with regions._weights(attn, sets[1]):
+        torch.testing.assert_close(before[[2, 5]], inner(attn, pixels, whole)[[2, 5]])
     split.by_column = True
-    out = split(attn, pixels, context).view(4, 2, 4, 8)
-    for weights, block, span, rows in [
-        (tuned, left, slice(0, 2), [1, 3]),
-        (tuned, right, slice(2, 4), [0, 2]),
-        (base, left, slice(0, 2), [0, 2]),
-        (base, right, slice(2, 4), [1, 3]),
-    ]:
-        with regions._weights(attn, weights):
-            want = inner(attn, pixels, block).view(4, 2, 4, 8)
-        torch.testing.assert_close(out[rows, :, span], want[rows, :, span])
-    assert all(torch.equal(attn.get_parameter(name), tuned[name]) for name in base)
+    out = split(attn, pixels, context).view(6, 2, 4, 8)
+    for column, (block, span) in enumerate([(left, slice(0, 2)), (right, slice(2, 4))], 1):
+        for prompt in range(3):
+            chosen = int(choice[prompt, column])
+            with regions._weights(attn, sets[chosen] if chosen >= 0 else own):
+                want = inner(attn, pixels, block).view(6, 2, 4, 8)
+            rows = [prompt, prompt + 3]
+            torch.testing.assert_close(out[rows, :, span], want[rows, :, span])
+    assert all(torch.equal(attn.get_parameter(name), own[name]) for name in names)
 
 
 @pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])
@@ -96,6 +95,27 @@ def test_a_concept_acts_only_in_the_blocks_naming_its_token(model, request, make
     assert not np.array_equal(everywhere, as_base)
     assert not np.array_equal(gated_named, generate.sample(pipe, [named], **kwargs)[0])
     assert all(torch.equal(p, weights[name]) for name, p in pipe.unet.named_parameters() if name in weights)
+
+
+def test_a_merged_concepts_part_draws_the_blocks_naming_only_its_tokens(tiny_pipeline_dir, make_concept):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    star, ring = (
+        make_concept(pipe, "<new1>", seed=1, scale=1.0),
+        make_concept(pipe, "<new2>", seed=2, scale=1.0),
+    )
+    merged, _ = merge.merge_concepts(pipe, [star, ring], merge.regularization_captions(pipe.tokenizer, 50))
+    assert [part.tokens for part in merged.parts] == [("<new1>",), ("<new2>",)]
+    prompts = [
+        "a <new1> star and a red ring BREAK a <new1> star BREAK a red ring",  # the star's part, then base
+        "a <new1> star and a <new2> ring BREAK a <new1> star BREAK a <new2> ring",
+    ]
+    kwargs = {"n": 1, "steps": 3, "progress": False, "regions": True}
+    own, both = generate.sample(pipe, prompts, concept=apply_concept(pipe, merged), **kwargs)
+    unparted = generate.sample(pipe, prompts[1:], **kwargs)[0]  # merged weights throughout
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    alone = generate.sample(pipe, prompts[:1], concept=apply_concept(pipe, star), **kwargs)[0]
+    assert np.array_equal(own, alone)
+    assert not np.array_equal(both, unparted)
 
 
 @pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])

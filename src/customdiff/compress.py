@@ -34,8 +34,15 @@ def low_rank(delta: torch.Tensor, rank: int | None = None, energy: float | None 
     return (U[:, :r] * S[:r]).float().contiguous(), Vh[:r].float().contiguous()
 
 
+def _low_rank_deltas(deltas: dict, rank: int | None, energy: float | None) -> tuple[dict, dict]:
+    """Deltas with every 2-D one replaced by its low-rank product, and those factors."""
+    factors = {name: low_rank(delta, rank, energy) for name, delta in deltas.items() if delta.ndim == 2}
+    return {**deltas, **{name: up @ down for name, (up, down) in factors.items()}}, factors
+
+
 def compress_concept(concept: Concept, rank: int | None = None, energy: float | None = None) -> Concept:
-    """The concept with every 2-D delta in low rank (other deltas and the token rows unchanged).
+    """The concept with every 2-D delta in low rank, a merged concept's parts' too (other deltas and the
+    token rows unchanged).
 
     Raises:
         CustomDiffError: neither or both of ``rank`` and ``energy`` are given, or either is out of range.
@@ -46,7 +53,9 @@ def compress_concept(concept: Concept, rank: int | None = None, energy: float | 
         raise CustomDiffError(f"--rank {rank}: pass a rank of at least 1")
     if energy is not None and not 0 < energy <= 1:
         raise CustomDiffError(f"--energy {energy}: pass a share in (0, 1], e.g. 0.6 as the paper")
-    matrices = {name: delta for name, delta in concept.deltas.items() if delta.ndim == 2}
-    factors = {name: low_rank(delta, rank, energy) for name, delta in matrices.items()}
-    deltas = {name: up @ down for name, (up, down) in factors.items()}
-    return dataclasses.replace(concept, deltas={**concept.deltas, **deltas}, factors=factors)
+    deltas, factors = _low_rank_deltas(concept.deltas, rank, energy)
+    parts = []
+    for part in concept.parts:
+        part_deltas, part_factors = _low_rank_deltas(part.deltas, rank, energy)
+        parts.append(dataclasses.replace(part, deltas=part_deltas, factors=part_factors))
+    return dataclasses.replace(concept, deltas=deltas, factors=factors, parts=tuple(parts))

@@ -31,6 +31,20 @@ TOKEN_EMBEDDINGS = "token_embeddings"
 UP, DOWN = ".up", ".down"  # suffixes of a low-rank delta's factors in the file
 
 
+PARTS = "parts."  # prefix of a merged concept's parts' deltas in the file: "parts.<i>.unet.<parameter>"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of the concepts a merged concept was made from: its tokens and its own deltas (restricted to the
+    merged ones; ``factors`` as ``Concept``'s). Regional prompts draw a column that names only these tokens
+    with these deltas instead of the merged ones (``regions.py``)."""
+
+    tokens: tuple[str, ...]
+    deltas: dict[str, torch.Tensor]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Concept:
     """A fine-tuned concept relative to its base model.
@@ -40,7 +54,7 @@ class Concept:
     → fine-tuned minus base value, for each UNet tensor the mode trained. factors: for deltas kept in low rank
     (``compress.py``), name → (up (out, r), down (r, in)) with ``deltas[name] == up @ down``; the file
     then stores the factors alone. captions: the distinct training captions, which ``merge.py`` holds the
-    merged weights to.
+    merged weights to. parts: for a merged concept, the concepts it was merged from.
     """
 
     base_hash: str
@@ -54,6 +68,7 @@ class Concept:
     config: dict = field(default_factory=dict)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     embedding_widths: tuple[int, ...] = ()  # empty: one text encoder, as wide as the rows
+    parts: tuple[Part, ...] = ()
 
     def token_rows(self) -> tuple[torch.Tensor, ...]:
         """The token embeddings split per text encoder: (tokens, width) each."""
@@ -67,12 +82,9 @@ def save_concept(out_dir: Path, concept: Concept) -> Path:
     The files other tools load (diffusers, AUTOMATIC1111, ComfyUI) are written by ``export.py``.
     """
     out_dir = files.prepare_output_dir(out_dir)
-    tensors = {TOKEN_EMBEDDINGS: concept.token_embeddings}
-    for name, delta in concept.deltas.items():
-        if name in concept.factors:
-            tensors[f"{name}{UP}"], tensors[f"{name}{DOWN}"] = concept.factors[name]
-        else:
-            tensors[name] = delta
+    tensors = {TOKEN_EMBEDDINGS: concept.token_embeddings, **_delta_tensors(concept.deltas, concept.factors)}
+    for index, part in enumerate(concept.parts):
+        tensors.update(_delta_tensors(part.deltas, part.factors, f"{PARTS}{index}."))
     metadata = {
         "format": FORMAT,
         "base_model_hash": concept.base_hash,
@@ -83,9 +95,30 @@ def save_concept(out_dir: Path, concept: Concept) -> Path:
         "embedding_widths": json.dumps(concept.embedding_widths),
         "captions": json.dumps(concept.captions),
         "config": json.dumps(concept.config),
+        "part_tokens": json.dumps([part.tokens for part in concept.parts]),
     }
     save_tensors(out_dir / CONCEPT_FILE, tensors, metadata)
     return out_dir / CONCEPT_FILE
+
+
+def _delta_tensors(deltas: dict, factors: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The file's tensors for some deltas: each under its name, or its two factors if it has them."""
+    tensors = {}
+    for name, delta in deltas.items():
+        if name in factors:
+            tensors[f"{prefix}{name}{UP}"], tensors[f"{prefix}{name}{DOWN}"] = factors[name]
+        else:
+            tensors[prefix + name] = delta
+    return tensors
+
+
+def _read_deltas(tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Deltas and factors from the file's tensors of one set of deltas (``_delta_tensors``'s inverse)."""
+    factors = {
+        name.removesuffix(UP): (tensors.pop(name), tensors.pop(name.removesuffix(UP) + DOWN))
+        for name in [name for name in tensors if name.endswith(UP)]
+    }
+    return {**tensors, **{name: up.float() @ down.float() for name, (up, down) in factors.items()}}, factors
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -128,11 +161,14 @@ def load_concept(path: Path) -> Concept:
             f"{path} is not a customdiff concept file; pass the concept.safetensors a finetune wrote"
         )
     token_embeddings = tensors.pop(TOKEN_EMBEDDINGS)
-    factors = {
-        name.removesuffix(UP): (tensors.pop(name), tensors.pop(name.removesuffix(UP) + DOWN))
-        for name in [name for name in tensors if name.endswith(UP)]
-    }
-    deltas = {**tensors, **{name: up.float() @ down.float() for name, (up, down) in factors.items()}}
+    parts = []
+    for index, tokens in enumerate(json.loads(metadata.get("part_tokens", "[]"))):
+        prefix = f"{PARTS}{index}."
+        own = {
+            name.removeprefix(prefix): tensors.pop(name) for name in list(tensors) if name.startswith(prefix)
+        }
+        parts.append(Part(tuple(tokens), *_read_deltas(own)))
+    deltas, factors = _read_deltas(tensors)
     return Concept(
         base_hash=metadata["base_model_hash"],
         mode=metadata["mode"],
@@ -145,6 +181,7 @@ def load_concept(path: Path) -> Concept:
         config=json.loads(metadata["config"]),
         factors=factors,
         embedding_widths=tuple(json.loads(metadata.get("embedding_widths", "[]"))),
+        parts=tuple(parts),
     )
 
 
@@ -174,6 +211,8 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
         lines.append(f"{len(concept.deltas)} UNet deltas of {values:,} values")
     if "merged_from" in concept.config:
         lines.append(f"merged from {len(concept.config['merged_from'])} concepts")
+    if concept.parts:
+        lines.append(f"keeps the deltas of its {len(concept.parts)} parts, for regional prompts")
     elif "steps" in concept.config:
         config = concept.config
         sources = [config.get("images"), config.get("concepts_list"), *config.get("concept", [])]

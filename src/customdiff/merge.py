@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from customdiff import data, files, generate, models, text, toyworld
-from customdiff.concept import Concept, concept_file, load_concept, save_concept
+from customdiff.concept import Concept, Part, concept_file, load_concept, save_concept
 from customdiff.config import MergeConfig, save_config
 from customdiff.errors import CustomDiffError
 
@@ -107,7 +107,11 @@ def rename_tokens(concept: Concept, renames: dict[str, str]) -> Concept:
             caption = caption.replace(old, new)
         captions.append(caption)
     tokens = tuple(renames.get(token, token) for token in concept.tokens)
-    return dataclasses.replace(concept, tokens=tokens, captions=tuple(captions))
+    parts = tuple(
+        dataclasses.replace(part, tokens=tuple(renames.get(token, token) for token in part.tokens))
+        for part in concept.parts
+    )
+    return dataclasses.replace(concept, tokens=tokens, captions=tuple(captions), parts=parts)
 
 
 def free_clashing_tokens(concepts: list[Concept]) -> tuple[list[Concept], list[dict[str, str]]]:
@@ -405,8 +409,19 @@ def merge_concepts(
         captions=tuple(caption for concept in concepts for caption in concept.captions),
         config={"merged_from": [concept.config for concept in concepts]},
         embedding_widths=concepts[0].embedding_widths,
+        parts=tuple(part for concept in concepts for part in parts_of(concept, set(deltas))),
     )
     return merged, report
+
+
+def parts_of(concept: Concept, names: set[str]) -> tuple[Part, ...]:
+    """What a concept brings to a merge as parts: its own parts if it is merged already, else itself, its
+    deltas restricted to ``names`` (the merged ones)."""
+    if concept.parts:
+        return concept.parts
+    deltas = {name: delta for name, delta in concept.deltas.items() if name in names}
+    factors = {name: pair for name, pair in concept.factors.items() if name in names}
+    return (Part(concept.tokens, deltas, factors),)
 
 
 def refit_deltas(

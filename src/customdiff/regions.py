@@ -8,7 +8,8 @@ pixels reads only its own prompt. Only cross-attention changes; self-attention s
 
 A concept acts only where its tokens are named, as the Regional Prompter's LoRA in regions: a prompt
 block that names none of them is read with the base model's cross-attention weights, so that the world
-object beside a concept is drawn as the base model draws it.
+object beside a concept is drawn as the base model draws it, and with a merged concept a block naming only
+one of its parts is read with that part's own weights, as it was trained.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from customdiff.concept import AppliedConcept
+    from customdiff.concept import AppliedConcept, Concept
 
 from customdiff import toyworld
 from customdiff.errors import CustomDiffError
@@ -79,9 +80,9 @@ class ColumnAttention:
     """Cross-attention whose context is the whole prompt's features followed by each column's.
 
     Until ``by_column`` is set every pixel reads the whole prompt's block; after, the pixels of column i
-    read block i + 1 alone. Wraps the layer's own processor, which does the attention itself. Where
-    ``plain`` (prompts, blocks) marks a block that names no concept token, that prompt's block is read
-    with ``base_weights``, the layer's parameters before the concept (both guidance branches alike).
+    read block i + 1 alone. Wraps the layer's own processor, which does the attention itself. ``choice``
+    (prompts, blocks) says with which of ``weight_sets`` (the layer's parameters by name) each prompt's
+    block is read, -1 for the layer's own; both guidance branches of a prompt read it alike.
     """
 
     def __init__(
@@ -89,28 +90,31 @@ class ColumnAttention:
         inner,
         columns: int,
         width_over_height: float,
-        base_weights: dict[str, torch.Tensor] | None = None,
-        plain: torch.Tensor | None = None,
+        weight_sets: tuple[dict[str, torch.Tensor], ...] = (),
+        choice: torch.Tensor | None = None,
     ):
         self.inner = inner
         self.columns = columns
         self.width_over_height = width_over_height
-        self.base_weights = base_weights or {}
-        self.plain = plain
+        self.weight_sets = weight_sets
+        self.choice = choice
         self.by_column = False
 
     def _read(self, attn, hidden_states, block: torch.Tensor, index: int, attention_mask, **kwargs):
         """The attention output of every pixel reading block ``index``, each prompt with its weights."""
-        plain = None if self.plain is None or not self.base_weights else self.plain[:, index]
-        if plain is None or not plain.any():
+        if self.choice is None or (self.choice[:, index] < 0).all():
             return self.inner(attn, hidden_states, block, attention_mask, **kwargs)
-        with _weights(attn, self.base_weights):
-            base = self.inner(attn, hidden_states, block, attention_mask, **kwargs)
-        if plain.all():
-            return base
-        tuned = self.inner(attn, hidden_states, block, attention_mask, **kwargs)
-        plain = plain.repeat(len(hidden_states) // len(plain))  # the guidance branches share the prompt's
-        return torch.where(plain.to(base.device).view(-1, 1, 1), base, tuned)
+        choice = self.choice[:, index].repeat(len(hidden_states) // len(self.choice))  # guidance branches
+        output = None
+        for chosen in choice.unique().tolist():
+            if chosen < 0:
+                read = self.inner(attn, hidden_states, block, attention_mask, **kwargs)
+            else:
+                with _weights(attn, self.weight_sets[chosen]):
+                    read = self.inner(attn, hidden_states, block, attention_mask, **kwargs)
+            mine = (choice == chosen).to(read.device).view(-1, 1, 1)
+            output = read if output is None else torch.where(mine, read, output)
+        return output
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         blocks = encoder_hidden_states.chunk(self.columns + 1, dim=1)
@@ -129,23 +133,35 @@ class ColumnAttention:
         return stacked.gather(0, index)[0]
 
 
-def _names_none(tokenizer, block: str, tokens: tuple[str, ...]) -> bool:
-    """Whether a prompt block names none of ``tokens`` (as the tokenizer splits it)."""
+def _weight_choice(tokenizer, block: str, concept: Concept) -> int:
+    """Which weights read a prompt block (``weight_sets``' order): -1 those applied, 0 the base model's
+    for a block naming none of the concept's tokens, 1 + i part i's for one naming only part i's."""
     ids = set(tokenizer(block).input_ids)
-    return not any(tokenizer.convert_tokens_to_ids(token) in ids for token in tokens)
+    named = [any(tokenizer.convert_tokens_to_ids(t) in ids for t in part.tokens) for part in concept.parts]
+    if not any(tokenizer.convert_tokens_to_ids(token) in ids for token in concept.tokens):
+        return 0
+    return 1 + named.index(True) if sum(named) == 1 else -1
 
 
-def _base_cross_attention(
-    applied: AppliedConcept, layer: str, like: torch.nn.Module
-) -> dict[str, torch.Tensor]:
-    """The parameters of cross-attention ``layer`` (``….attn2``) that the concept replaced, as they were."""
+def _weight_sets(unet, applied: AppliedConcept, layer: str) -> tuple[dict[str, torch.Tensor], ...]:
+    """The weights of cross-attention ``layer`` (``….attn2``) that the concept replaced: as they were in
+    the base model, then with each of its parts' deltas (``apply_concept``'s sum)."""
     prefix = f"unet.{layer}."
-    parameters = dict(like.named_parameters())
-    return {
-        name.removeprefix(prefix): original.to(parameters[name.removeprefix(prefix)])
+    base = {
+        name: original.to(unet.get_parameter(name.removeprefix("unet.")))
         for name, original in applied.originals.items()
         if name.startswith(prefix)
     }
+    sets = [base] + [
+        {
+            name: (original.float() + part.deltas[name].to(original.device)).to(original.dtype)
+            if name in part.deltas
+            else original
+            for name, original in base.items()
+        }
+        for part in applied.concept.parts
+    ]
+    return tuple({name.removeprefix(prefix): value for name, value in weights.items()} for weights in sets)
 
 
 def sample_regional(
@@ -159,8 +175,9 @@ def sample_regional(
     """Run ``pipe`` on prompts that share a column count, their cross-attention split by column.
 
     ``concept``: the concept applied to ``pipe``; prompt blocks that name none of its tokens are read with
-    the cross-attention weights it replaced. ``call`` holds the pipeline's other arguments (steps,
-    guidance, size, output type).
+    the cross-attention weights it replaced, and for a merged concept those that name only one part's
+    tokens with that part's own deltas (``concept.Part``). ``call`` holds the pipeline's other arguments
+    (steps, guidance, size, output type).
     """
     columns = len(regional[0].columns)
     steps = call["num_inference_steps"]
@@ -186,20 +203,24 @@ def sample_regional(
     if len(encoded[0]) == 4:  # SDXL: the pooled features come from the whole prompt
         embeds["pooled_prompt_embeds"] = encoded[0][2]
         embeds["negative_pooled_prompt_embeds"] = encoded[0][3]
-    plain = None
+    choice = None
     if concept is not None:
-        plain = torch.tensor(
-            [[_names_none(pipe.tokenizer, block, concept.concept.tokens) for block in row] for row in blocks]
+        choice = torch.tensor(
+            [[_weight_choice(pipe.tokenizer, b, concept.concept) for b in row] for row in blocks]
         )
     originals = pipe.unet.attn_processors
-    wrapped = {}
-    for name, processor in originals.items():
-        if ".attn2." not in name:
-            wrapped[name] = processor
-            continue
-        layer = name.removesuffix(".processor")
-        base = _base_cross_attention(concept, layer, pipe.unet.get_submodule(layer)) if concept else None
-        wrapped[name] = ColumnAttention(processor, columns, width_over_height, base, plain)
+    wrapped = {
+        name: ColumnAttention(
+            processor,
+            columns,
+            width_over_height,
+            _weight_sets(pipe.unet, concept, name.removesuffix(".processor")) if concept else (),
+            choice,
+        )
+        if ".attn2." in name
+        else processor
+        for name, processor in originals.items()
+    }
     split = [processor for processor in wrapped.values() if isinstance(processor, ColumnAttention)]
 
     def switch_at(pipeline, step, timestep, callback_kwargs):
