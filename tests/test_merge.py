@@ -207,6 +207,9 @@ def test_merging_a_merged_concept_keeps_every_part(tiny_pipeline_dir, random_con
     trio, _ = merge.merge_concepts(pipe, [pair, kite], captions)
     assert [part.tokens for part in trio.parts] == [("<new1>",), ("<new2>",), ("<new3>",)]
     assert trio.parts[0] is star_part and trio.parts[1] is ring_part
+    assert "keeps the deltas of its 3 parts, for regional prompts" in concept.describe(
+        trio, trio.base_hash, "x"
+    )
 
 
 def test_clashing_tokens_get_the_first_newn_no_concept_uses(tiny_pipeline_dir, random_concept):

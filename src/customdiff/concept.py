@@ -211,13 +211,13 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
         lines.append(f"{len(concept.deltas)} UNet deltas of {values:,} values")
     if "merged_from" in concept.config:
         lines.append(f"merged from {len(concept.config['merged_from'])} concepts")
-    if concept.parts:
-        lines.append(f"keeps the deltas of its {len(concept.parts)} parts, for regional prompts")
     elif "steps" in concept.config:
         config = concept.config
         sources = [config.get("images"), config.get("concepts_list"), *config.get("concept", [])]
         shown = ", ".join(str(source) for source in sources if source)
         lines.append(f"trained {config['steps']} steps on {shown}, {len(concept.captions)} captions")
+    if concept.parts:
+        lines.append(f"keeps the deltas of its {len(concept.parts)} parts, for regional prompts")
     return lines
 
 

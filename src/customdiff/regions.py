@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from customdiff.concept import AppliedConcept, Concept
-
 from customdiff import toyworld
 from customdiff.errors import CustomDiffError
+
+if TYPE_CHECKING:
+    from customdiff.concept import AppliedConcept, Concept
 
 BREAK = " BREAK "  # between the whole prompt and each column's, left to right
 WHOLE_PROMPT_SHARE = 0.5  # of the sampling steps, before the columns take over (findings: 0.4–0.6 best)
