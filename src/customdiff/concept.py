@@ -258,8 +258,13 @@ def apply_concept(pipe, concept: Concept | Path | str) -> AppliedConcept:
         for name, delta in concept.deltas.items():
             parameter = pipe.unet.get_parameter(name.removeprefix("unet."))
             originals[name] = parameter.detach().clone()
-            parameter.copy_((parameter.float() + delta.to(parameter.device)).to(parameter.dtype))
+            parameter.copy_(plus_delta(parameter, delta))
     return AppliedConcept(concept, originals)
+
+
+def plus_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """A base weight with a concept's delta added, summed in float32 and kept in the weight's dtype."""
+    return (weight.float() + delta.to(weight.device)).to(weight.dtype)
 
 
 def remove_concept(pipe, applied: AppliedConcept) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from customdiff import toyworld
+from customdiff.concept import plus_delta
 from customdiff.errors import CustomDiffError
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def _weight_choice(tokenizer, block: str, concept: Concept) -> int:
 
 def _weight_sets(unet, applied: AppliedConcept, layer: str) -> tuple[dict[str, torch.Tensor], ...]:
     """The weights of cross-attention ``layer`` (``….attn2``) that the concept replaced: as they were in
-    the base model, then with each of its parts' deltas (``apply_concept``'s sum)."""
+    the base model, then with each of its parts' deltas."""
     prefix = f"unet.{layer}."
     base = {
         name: original.to(unet.get_parameter(name.removeprefix("unet.")))
@@ -154,9 +155,7 @@ def _weight_sets(unet, applied: AppliedConcept, layer: str) -> tuple[dict[str, t
     }
     sets = [base] + [
         {
-            name: (original.float() + part.deltas[name].to(original.device)).to(original.dtype)
-            if name in part.deltas
-            else original
+            name: plus_delta(original, part.deltas[name]) if name in part.deltas else original
             for name, original in base.items()
         }
         for part in applied.concept.parts
