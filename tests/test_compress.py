@@ -61,6 +61,8 @@ def test_a_compressed_concept_round_trips_and_shrinks(tmp_path):
         part_up, part_down = loaded.parts[0].factors[name]  # a merged concept's parts compress alike
         assert torch.equal(part_up, up) and torch.equal(part_down, down)
     assert torch.equal(loaded.token_embeddings, original.token_embeddings)
+    stored = sum(up.numel() + down.numel() for up, down in small.factors.values())
+    assert f"its 1 parts ({stored:,} values stored)" in concept.describe(loaded, loaded.base_hash, "x")[-1]
 
 
 def test_compress_cli_and_its_bad_input(run_cli, tmp_path):

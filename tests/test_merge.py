@@ -207,9 +207,9 @@ def test_merging_a_merged_concept_keeps_every_part(tiny_pipeline_dir, random_con
     trio, _ = merge.merge_concepts(pipe, [pair, kite], captions)
     assert [part.tokens for part in trio.parts] == [("<new1>",), ("<new2>",), ("<new3>",)]
     assert trio.parts[0] is star_part and trio.parts[1] is ring_part
-    assert "keeps the deltas of its 3 parts, for regional prompts" in concept.describe(
-        trio, trio.base_hash, "x"
-    )
+    stored = sum(delta.numel() for part in trio.parts for delta in part.deltas.values())
+    line = f"keeps the deltas of its 3 parts ({stored:,} values stored), for regional prompts"
+    assert line in concept.describe(trio, trio.base_hash, "x")
 
 
 def test_clashing_tokens_get_the_first_newn_no_concept_uses(tiny_pipeline_dir, random_concept):
@@ -286,6 +286,33 @@ def test_merge_cli_writes_a_usable_concept_and_names_bad_input(
     code, _, err = run_cli("merge", tmp_path / "new1", full, "-o", tmp_path / "x")
     assert code == 2 and "--mode full" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_generate_merges_several_concepts_in_memory_as_merge_does(
+    run_cli, tiny_pipeline_dir, tmp_path, random_concept
+):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    concept.save_concept(tmp_path / "star", random_concept(pipe, "<new1>", 1))
+    ring = random_concept(pipe, "<new2>", 2)  # trained as <new1> too, as runs are by default
+    concept.save_concept(tmp_path / "ring", merge.rename_tokens(ring, {"<new2>": "<new1>"}))
+    pair = (tmp_path / "star", tmp_path / "ring")
+    merged = tmp_path / "merged"
+    code, _, err = run_cli("merge", *pair, "--rename-tokens", "--model", tiny_pipeline_dir, "-o", merged)
+    assert code == 0, err
+    prompt = "a <new1> star and a <new2> ring BREAK a <new1> star BREAK a <new2> ring"
+    common = ("--model", tiny_pipeline_dir, "--n", 1, "--steps", 2, "--regions")
+    code, _, err = run_cli("generate", prompt, *common, "--concept", merged, "-o", tmp_path / "saved")
+    assert code == 0, err
+    code, out, err = run_cli(
+        "generate", prompt, *common, "--concept", *pair, "--rename-tokens", "-o", tmp_path / "memory"
+    )
+    assert code == 0, err
+    assert "<new1> is <new2>" in out and "merged 2 concepts in memory (tokens <new1> <new2>)" in out
+    for name in ("00000.png", "grid.png"):
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes()
+    code, _, err = run_cli("generate", prompt, *common, "--concept", *pair, "-o", tmp_path / "clash")
+    assert code == 2 and "both use the token <new1>; pass --rename-tokens" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "clash" / "00000.png").exists()
 
 
 def test_nearly_identical_rows_with_different_targets_do_not_blow_the_weights_up():

@@ -106,10 +106,10 @@ def generate(config: GenerateConfig) -> None:
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
     applied = None
-    if config.concept is not None:
+    if config.concept:
         from customdiff.concept import apply_concept
 
-        applied = apply_concept(pipe, config.concept)
+        applied = apply_concept(pipe, _concept_to_apply(pipe, config))
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
         negative_prompts=[config.negative_prompt] * len(prompts), regions=config.regions, concept=applied,
@@ -117,6 +117,25 @@ def generate(config: GenerateConfig) -> None:
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)
     print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {config.out}")
+
+
+def _concept_to_apply(pipe, config: GenerateConfig):
+    """``generate``'s one concept, or its several merged in memory as ``customdiff merge`` would."""
+    if len(config.concept) == 1:
+        return config.concept[0]
+    from customdiff import merge as merging
+
+    merge_config = MergeConfig(config.concept, rename_tokens=config.rename_tokens)
+    concepts, renamed = merging.load_mergeable(merge_config)
+    for line in renamed:
+        print(line)
+    merged, _ = merging.merge_loaded(pipe, concepts, merge_config)
+    saved = " ".join(shlex.quote(str(path)) for path in config.concept)
+    print(
+        f"merged {len(concepts)} concepts in memory (tokens {' '.join(merged.tokens)}); "
+        f"customdiff merge {saved}{' --rename-tokens' * config.rename_tokens} -o DIR saves it"
+    )
+    return merged
 
 
 def train(config: FinetuneConfig) -> None:

@@ -202,7 +202,7 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
         lines.append("no UNet deltas: the token rows alone")
     elif concept.factors:
         ranks = sorted(up.shape[1] for up, _ in concept.factors.values())
-        stored = sum(up.numel() + down.numel() for up, down in concept.factors.values())
+        stored = _values_stored(concept.deltas, concept.factors)
         lines.append(
             f"{len(concept.deltas)} UNet deltas of {values:,} values, {len(concept.factors)} kept as SVD "
             f"factors of rank {ranks[0]}–{ranks[-1]} ({stored:,} values stored)"
@@ -217,8 +217,18 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
         shown = ", ".join(str(source) for source in sources if source)
         lines.append(f"trained {config['steps']} steps on {shown}, {len(concept.captions)} captions")
     if concept.parts:
-        lines.append(f"keeps the deltas of its {len(concept.parts)} parts, for regional prompts")
+        stored = sum(_values_stored(part.deltas, part.factors) for part in concept.parts)
+        parts = f"{len(concept.parts)} parts ({stored:,} values stored)"
+        lines.append(f"keeps the deltas of its {parts}, for regional prompts")
     return lines
+
+
+def _values_stored(deltas: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, ...]]) -> int:
+    """How many numbers the file holds for ``deltas``: a factored one's factors, any other whole."""
+    return sum(
+        sum(factor.numel() for factor in factors[name]) if name in factors else delta.numel()
+        for name, delta in deltas.items()
+    )
 
 
 @dataclass(frozen=True)

@@ -302,7 +302,14 @@ class GenerateConfig:
         None, "diffusers Stable Diffusion folder or checkpoint file (default: the toy model)"
     )
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
-    concept: Path | None = option(None, "concept.safetensors (or its folder) to apply to the model first")
+    concept: tuple[Path, ...] = option(
+        (),
+        "concept.safetensors (or its folder) to apply to the model first; several are merged in memory as "
+        "customdiff merge merges them (its defaults), each drawn with its own weights in regional prompts",
+    )
+    rename_tokens: bool = option(
+        False, "with several --concept: give a token an earlier one already uses the first free <newN>"
+    )
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     regions: bool | None = option(None, REGIONS_HELP)
     batch_size: int = option(16, "images denoised at once")
@@ -315,6 +322,8 @@ class GenerateConfig:
             raise CustomDiffError("give PROMPTs or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
             raise CustomDiffError("--n and --steps take positive numbers")
+        if isinstance(self.concept, (str, Path)):  # GenerateConfig(…, concept=path) from code
+            object.__setattr__(self, "concept", (Path(self.concept),))
 
 
 @dataclass(frozen=True)

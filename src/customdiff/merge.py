@@ -440,11 +440,9 @@ def refit_deltas(
     return weighted_deltas(concept.deltas, gram, rows, [concept.deltas], reg_weight)
 
 
-def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport, list[str]]:
-    """The ``customdiff merge`` command: load and check the concepts, merge, write OUT/concept.safetensors.
-
-    Returns the path, the merged concept, the report and a line for each token ``--rename-tokens`` renamed.
-    """
+def load_mergeable(config: MergeConfig) -> tuple[list[Concept], list[str]]:
+    """``config.concepts`` loaded, their clashing tokens renamed if ``config.rename_tokens`` asks, and checked
+    for a merge (``check_mergeable``): the concepts, and a line for each token renamed."""
     names = [str(concept_file(path)) for path in config.concepts]
     concepts = [load_concept(path) for path in config.concepts]
     renamed = []
@@ -456,15 +454,27 @@ def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport, list[str
             for old, new in own.items()
         ]
     check_mergeable(concepts, names)
-    files.prepare_output_dir(config.out)
-    pipe = models.load_pipeline(config.model, model_config=config.model_config)
+    return concepts, renamed
+
+
+def merge_loaded(pipe, concepts: list[Concept], config: MergeConfig) -> tuple[Concept, MergeReport]:
+    """``merge_concepts`` with ``config``'s regularization captions, method and weights."""
     if config.reg_captions is not None:
         captions = generate.read_prompts(config.reg_captions, "--reg-captions")[: config.num_reg_captions]
     else:
         captions = regularization_captions(pipe.tokenizer, config.num_reg_captions, config.seed)
-    merged, report = merge_concepts(
-        pipe, concepts, captions, config.method, config.reg_weight, config.context_share
-    )
+    return merge_concepts(pipe, concepts, captions, config.method, config.reg_weight, config.context_share)
+
+
+def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport, list[str]]:
+    """The ``customdiff merge`` command: load and check the concepts, merge, write OUT/concept.safetensors.
+
+    Returns the path, the merged concept, the report and a line for each token ``--rename-tokens`` renamed.
+    """
+    concepts, renamed = load_mergeable(config)
+    files.prepare_output_dir(config.out)
+    pipe = models.load_pipeline(config.model, model_config=config.model_config)
+    merged, report = merge_loaded(pipe, concepts, config)
     path = save_concept(config.out, merged)
     save_config(config, config.out)
     return path, merged, report, renamed
