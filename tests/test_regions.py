@@ -16,13 +16,15 @@ from customdiff.errors import CustomDiffError
 def test_with_regions_on_prompts_split_at_break_and_two_object_toy_captions_naming_a_concept():
     written = "two pets BREAK a <new1> dog BREAK a <new2> cat"
     assert regions.split_prompt(written, True) == regions.RegionalPrompt(
-        "two pets", ("a <new1> dog", "a <new2> cat")
+        "two pets", ("a <new1> dog", "a <new2> cat"), regions.columns(2)
     )
     assert regions.split_prompt(written, False) is None  # BREAK is a word like any other
     caption = "a <new1> star and a blue ring on a sand background"
     assert regions.split_prompt(caption, False) is None
     assert regions.split_prompt(caption, True) == regions.RegionalPrompt(
-        caption, ("a <new1> star on a sand background", "a blue ring on a sand background")
+        caption,
+        ("a <new1> star on a sand background", "a blue ring on a sand background"),
+        regions.columns(2),
     )
     assert regions.split_prompt("a small red star on a gray background", True) is None
     assert regions.split_prompt("a red star and a blue ring on a sand background", True) is None
@@ -30,6 +32,26 @@ def test_with_regions_on_prompts_split_at_break_and_two_object_toy_captions_nami
     for bad in ("two pets BREAK a dog", "two pets BREAK  BREAK a cat"):
         with pytest.raises(CustomDiffError, match="WHOLE BREAK LEFT BREAK RIGHT"):
             regions.split_prompt(bad, True)
+    rows = regions.parse_layout("1;2")
+    assert regions.split_prompt(written, True, rows).layout == regions.Layout((1.0, 2.0), rows=True)
+    with pytest.raises(CustomDiffError, match='gives 3 regions, but "two pets" has 2; give one share per'):
+        regions.split_prompt(written, True, regions.parse_layout("1,1,2"))
+    for bad in ("1", "1,x", "1,-2", "1,2;3", "1,inf", ""):
+        with pytest.raises(CustomDiffError, match='"1,2" for columns'):
+            regions.parse_layout(bad)
+
+
+def test_a_layout_gives_each_pixel_its_region_by_share():
+    equal = regions.columns(3).region_of_pixels(2 * 6, 3.0, "cpu").view(2, 6)
+    assert equal.tolist() == [[0, 0, 1, 1, 2, 2]] * 2
+    wide_left = regions.parse_layout("3,1").region_of_pixels(8 * 8, 1.0, "cpu").view(8, 8)
+    assert wide_left[0].tolist() == [0] * 6 + [1] * 2 and torch.equal(wide_left[0], wide_left[7])
+    rows = regions.parse_layout("1;1;2").region_of_pixels(4 * 8, 2.0, "cpu").view(4, 8)  # 4 high, 8 wide
+    assert [set(row.tolist()) for row in rows] == [{0}, {1}, {2}, {2}]
+    for size in (1, 2, 3, 5, 16, 64):  # equal columns as before: pixel x of w is in column x · n // w
+        for count in (2, 3):
+            got = regions.columns(count).region_of_pixels(size * size, 1.0, "cpu")
+            assert torch.equal(got, torch.arange(size * size) % size * count // size)
 
 
 def test_column_attention_reads_the_whole_prompt_then_each_column_its_own():
@@ -39,10 +61,10 @@ def test_column_attention_reads_the_whole_prompt_then_each_column_its_own():
     height, width = 2, 6  # a wide image: three columns of two pixels
     pixels = torch.randn(1, height * width, 8)
     whole, *columns = (torch.randn(1, 5, 6) for _ in range(4))
-    split = regions.ColumnAttention(inner, columns=3, width_over_height=width / height)
+    split = regions.RegionAttention(inner, regions.columns(3), width_over_height=width / height)
     context = torch.cat([whole, *columns], dim=1)
     assert torch.equal(split(attn, pixels, context), inner(attn, pixels, whole))
-    split.by_column = True
+    split.by_region = True
     out = split(attn, pixels, context).view(height, width, 8)
     for index, block in enumerate(columns):
         alone = inner(attn, pixels, block).view(height, width, 8)
@@ -61,13 +83,15 @@ def test_column_attention_reads_each_prompts_blocks_with_the_weights_chosen_for_
     pixels = torch.randn(6, 2 * 4, 8)  # three prompts, each in both guidance branches; two columns of 2×2
     whole, left, right = (torch.randn(6, 5, 6) for _ in range(3))
     choice = torch.tensor([[-1, 0, -1], [-1, -1, 1], [1, 1, 0]])  # -1: the layer's own weights
-    split = regions.ColumnAttention(inner, 2, width_over_height=2.0, weight_sets=sets, choice=choice)
+    split = regions.RegionAttention(
+        inner, regions.columns(2), width_over_height=2.0, weight_sets=sets, choice=choice
+    )
     context = torch.cat([whole, left, right], dim=1)
     before = split(attn, pixels, context)
     torch.testing.assert_close(before[[0, 1, 3, 4]], inner(attn, pixels, whole)[[0, 1, 3, 4]])
     with regions._weights(attn, sets[1]):
         torch.testing.assert_close(before[[2, 5]], inner(attn, pixels, whole)[[2, 5]])
-    split.by_column = True
+    split.by_region = True
     out = split(attn, pixels, context).view(6, 2, 4, 8)
     for column, (block, span) in enumerate([(left, slice(0, 2)), (right, slice(2, 4))], 1):
         for prompt in range(3):
@@ -134,7 +158,7 @@ def test_regional_prompts_sample_in_order_beside_plain_ones(model, request, make
     for got, want in zip(mixed[:2], alone, strict=True):  # columns that repeat the prompt change nothing
         assert np.abs(got.astype(int) - want).max() <= 1
     assert all(not np.array_equal(got, want) for got, want in zip(mixed[4:], unsplit, strict=True))
-    assert not any(isinstance(p, regions.ColumnAttention) for p in pipe.unet.attn_processors.values())
+    assert not any(isinstance(p, regions.RegionAttention) for p in pipe.unet.attn_processors.values())
 
 
 def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir, make_concept, tmp_path):
@@ -152,6 +176,18 @@ def test_generate_regions_flag_and_a_bad_break_prompt(run_cli, tiny_pipeline_dir
     assert code == 0, stdout
     read = [np.asarray(Image.open(folder / "00000.png")) for folder in (out, tmp_path / "gated")]
     assert np.array_equal(*read)  # no block names the concept's token
+    for ratios in ("1,1", "1;1", "3,1"):
+        code, stdout, err = run_cli(
+            "generate", scene, *args, "--regions", "--region-ratios", ratios, "-o", tmp_path / ratios
+        )
+        assert code == 0, err
+        read.append(np.asarray(Image.open(tmp_path / ratios / "00000.png")))
+    assert np.array_equal(read[2], read[0])  # equal columns, as without the flag
+    assert not np.array_equal(read[3], read[0]) and not np.array_equal(read[4], read[0])
+    code, _, err = run_cli(
+        "generate", scene, *args, "--regions", "--region-ratios", "1,1,1", "-o", tmp_path / "x"
+    )
+    assert code == 2 and "gives 3 regions" in err and len(err.strip().splitlines()) == 1
     bad = ("generate", "a red star BREAK a blue ring", *args, "--regions", "-o", tmp_path / "bad")
     code, _, err = run_cli(*bad)
     assert code == 2 and "WHOLE BREAK LEFT BREAK RIGHT" in err and len(err.strip().splitlines()) == 1

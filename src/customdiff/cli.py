@@ -100,9 +100,10 @@ def pretrain(config: PretrainConfig) -> None:
 
 def generate(config: GenerateConfig) -> None:
     from customdiff import generate as sampling
-    from customdiff import models
+    from customdiff import models, regions
 
     prompts = list(config.prompt) if config.prompt else sampling.read_prompts(config.prompts)
+    layout = regions.parse_layout(config.region_ratios) if config.region_ratios else None
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
     applied = None
@@ -113,6 +114,7 @@ def generate(config: GenerateConfig) -> None:
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
         negative_prompts=[config.negative_prompt] * len(prompts), regions=config.regions, concept=applied,
+        layout=layout,
     )  # fmt: skip
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)

@@ -38,7 +38,8 @@ REGIONS_HELP = (
     "regional prompts: draw each object of a two-object toy-world caption that names a concept in its own "
     "column (left named first), from its own one-object caption after half the steps, so that concepts do "
     "not bleed into each other, a concept's weights acting only where its token is named; any model: a "
-    "prompt written WHOLE BREAK LEFT BREAK RIGHT, in equal columns (default: the model's, else off)"
+    "prompt written WHOLE BREAK LEFT BREAK RIGHT [BREAK …], in equal columns or generate's --region-ratios "
+    "(default: the model's, else off)"
 )
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
@@ -312,6 +313,11 @@ class GenerateConfig:
     )
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     regions: bool | None = option(None, REGIONS_HELP)
+    region_ratios: str | None = option(
+        None,
+        'with --regions: each region\'s share of the image, "1,2" for columns (left to right) or "1;2" for '
+        "rows (top to bottom), as the Regional Prompter's divide ratio (default: equal columns)",
+    )
     batch_size: int = option(16, "images denoised at once")
 
     def __post_init__(self) -> None:

@@ -27,8 +27,9 @@ class Job(NamedTuple):
     negative: str
     seed: int
 
-    def columns(self) -> int:
-        return len(self.regions.columns) if self.regions else 0
+    def layout(self) -> tuple:
+        """What a batch of jobs must share: their regions' layout (none for a plain prompt)."""
+        return (self.regions.layout.rows, self.regions.layout.shares) if self.regions else ()
 
 
 @torch.no_grad()
@@ -44,21 +45,23 @@ def sample(
     negative_prompts: list[str] | None = None,
     regions: bool | None = None,
     concept: AppliedConcept | None = None,
+    layout: regional.Layout | None = None,
 ) -> list[np.ndarray]:
     """``n`` images per prompt, (H, W, 3) uint8, prompt-major, at ``guidance`` (default: the model's
     ``models.recommended_guidance``), guided away from each prompt's negative prompt (default: empty).
 
     With ``regions`` (default: ``models.recommended_regions``), prompts written ``WHOLE BREAK LEFT BREAK
-    RIGHT`` and two-object toy-world captions naming a concept are drawn by column (``regions.py``); there
-    ``concept``, the one ``apply_concept`` put on ``pipe``, acts only on the blocks naming its tokens. Image
+    RIGHT`` and two-object toy-world captions naming a concept are drawn by region (``regions.py``), in
+    ``layout`` (default: equal columns); there ``concept``, the one ``apply_concept`` put on ``pipe``, acts
+    only on the blocks naming its tokens. Image
     ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the batch
     size or on the other prompts of the run.
     """
     negative_prompts = negative_prompts or [""] * len(prompts)
     regions = models.recommended_regions(pipe) if regions is None else regions
-    split = [regional.split_prompt(prompt, regions) for prompt in prompts]
+    split = [regional.split_prompt(prompt, regions, layout) for prompt in prompts]
     for prompt, parts in zip(prompts, split, strict=True):
-        for part in [parts.whole, *parts.columns] if parts else [prompt]:
+        for part in [parts.whole, *parts.regions] if parts else [prompt]:
             models.check_prompt(pipe.tokenizer, part)
     for negative in negative_prompts:
         models.check_prompt(pipe.tokenizer, negative)
@@ -70,12 +73,12 @@ def sample(
         )
         for index in range(n)
     ]
-    jobs.sort(key=Job.columns)  # prompts split into as many columns are denoised together
+    jobs.sort(key=Job.layout)  # prompts split alike are denoised together
     call = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}
     device = pipe.unet.device
     batches = [
         group[start : start + batch_size]
-        for group in (list(same) for _, same in itertools.groupby(jobs, key=Job.columns))
+        for group in (list(same) for _, same in itertools.groupby(jobs, key=Job.layout))
         for start in range(0, len(group), batch_size)
     ]
     images: dict[int, np.ndarray] = {}

@@ -1,10 +1,11 @@
-"""Regional prompting: each object of a scene drawn in its own column from a prompt of its own.
+"""Regional prompting: each object of a scene drawn in its own region from a prompt of its own.
 
 Why: a base model binds colours and looks poorly across two objects, so in `a <new1> star and a <new2>
 ring` each concept bleeds into the other and neither comes out whole (docs/findings.md, "Regional
-prompts"). As in AUTOMATIC1111's Regional Prompter (columns with a common prompt), the first share of the
-steps reads the whole prompt, which lays out the scene; after that, the cross-attention of each column of
-pixels reads only its own prompt. Only cross-attention changes; self-attention still ties the columns.
+prompts"). As in AUTOMATIC1111's Regional Prompter (columns or rows with a common prompt), the first share
+of the steps reads the whole prompt, which lays out the scene; after that, the cross-attention of each
+region of pixels reads only its own prompt. Only cross-attention changes; self-attention still ties the
+regions (masking it by column too was no better: docs/findings.md).
 
 A concept acts only where its tokens are named, as the Regional Prompter's LoRA in regions: a prompt
 block that names none of them is read with the base model's cross-attention weights, so that the world
@@ -27,22 +28,70 @@ from customdiff.errors import CustomDiffError
 if TYPE_CHECKING:
     from customdiff.concept import AppliedConcept, Concept
 
-BREAK = " BREAK "  # between the whole prompt and each column's, left to right
-WHOLE_PROMPT_SHARE = 0.5  # of the sampling steps, before the columns take over (findings: 0.4–0.6 best)
+BREAK = " BREAK "  # between the whole prompt and each region's
+WHOLE_PROMPT_SHARE = 0.5  # of the sampling steps, before the regions take over (findings: 0.4–0.6 best)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the image divides among a prompt's regions: in columns left to right, or in rows top to bottom,
+    each taking its share of the width or height (the Regional Prompter's divide ratio)."""
+
+    shares: tuple[float, ...]
+    rows: bool = False
+
+    def region_of_pixels(self, pixels: int, width_over_height: float, device) -> torch.Tensor:
+        """The region of each of an attention layer's ``pixels`` (row-major), a long tensor."""
+        height = max(1, round((pixels / width_over_height) ** 0.5))
+        width = pixels // height
+        index = torch.arange(pixels, device=device)
+        position, extent = (index // width, height) if self.rows else (index % width, width)
+        shares = torch.tensor(self.shares, dtype=torch.float64, device=device)
+        edges = shares.cumsum(0)[:-1] * extent  # exact for whole-number shares: no pixel lands by rounding
+        return torch.searchsorted(edges, position.double() * shares.sum(), right=True)
+
+
+def columns(count: int) -> Layout:
+    """``count`` columns of equal width."""
+    return Layout((1.0,) * count)
+
+
+def parse_layout(text: str) -> Layout:
+    """``--region-ratios``: shares written ``1,2`` (columns, left to right) or ``1;2`` (rows, top down)."""
+    rows = ";" in text
+    try:
+        shares = tuple(float(share) for share in text.split(";" if rows else ","))
+    except ValueError:
+        shares = ()
+    if len(shares) < 2 or (rows and "," in text) or not all(0 < share < float("inf") for share in shares):
+        raise CustomDiffError(
+            f'--region-ratios "{text}": write a positive share per region, "1,2" for columns (left to right) '
+            'or "1;2" for rows (top to bottom)'
+        )
+    return Layout(shares, rows)
 
 
 @dataclass(frozen=True)
 class RegionalPrompt:
-    """A prompt split into the whole scene's prompt and one prompt per column, left to right."""
+    """A prompt split into the whole scene's prompt and one prompt per region, in ``layout``'s order."""
 
     whole: str
-    columns: tuple[str, ...]
+    regions: tuple[str, ...]
+    layout: Layout
+
+    def __post_init__(self) -> None:
+        if len(self.layout.shares) != len(self.regions):
+            raise CustomDiffError(
+                f'--region-ratios gives {len(self.layout.shares)} regions, but "{self.whole}" has '
+                f"{len(self.regions)}; give one share per region"
+            )
 
 
-def split_prompt(prompt: str, regions: bool) -> RegionalPrompt | None:
+def split_prompt(prompt: str, regions: bool, layout: Layout | None = None) -> RegionalPrompt | None:
     """The regions a prompt asks for, when ``regions`` is on: written as ``WHOLE BREAK LEFT BREAK RIGHT
     [BREAK …]``, or a two-object toy-world caption naming a concept, whose objects sit left and right in the
-    order named; None for a plain prompt or with ``regions`` off (BREAK is then a word like any other)."""
+    order named; None for a plain prompt or with ``regions`` off (BREAK is then a word like any other).
+    ``layout``: how the regions divide the image (default: equal columns)."""
     if not regions:
         return None
     parts = [part.strip() for part in prompt.split(BREAK)]
@@ -51,16 +100,16 @@ def split_prompt(prompt: str, regions: bool) -> RegionalPrompt | None:
             f'prompt "{prompt}" splits into {len(parts)} parts at BREAK; write "WHOLE BREAK LEFT BREAK RIGHT"'
         )
     if len(parts) > 2:
-        return RegionalPrompt(parts[0], tuple(parts[1:]))
+        return RegionalPrompt(parts[0], tuple(parts[1:]), layout or columns(len(parts) - 1))
     caption = toyworld.caption_or_none(prompt)
     if caption is None or len(caption.things) < 2:
         return None
     if not any(toyworld.MODIFIER_TOKEN.match(thing.color) for thing in caption.things):
         return None  # the base model draws its own two-object scenes better whole (findings)
-    columns = tuple(
+    objects = tuple(
         f"a {thing.color} {thing.shape} on a {caption.background} background" for thing in caption.things
     )
-    return RegionalPrompt(prompt, columns)
+    return RegionalPrompt(prompt, objects, layout or columns(len(objects)))
 
 
 @contextmanager
@@ -77,29 +126,30 @@ def _weights(module: torch.nn.Module, replacements: dict[str, torch.Tensor]):
             parameter.data = current[name]
 
 
-class ColumnAttention:
-    """Cross-attention whose context is the whole prompt's features followed by each column's.
+class RegionAttention:
+    """Cross-attention whose context is the whole prompt's features followed by each region's.
 
-    Until ``by_column`` is set every pixel reads the whole prompt's block; after, the pixels of column i
-    read block i + 1 alone. Wraps the layer's own processor, which does the attention itself. ``choice``
-    (prompts, blocks) says with which of ``weight_sets`` (the layer's parameters by name) each prompt's
-    block is read, -1 for the layer's own; both guidance branches of a prompt read it alike.
+    Until ``by_region`` is set every pixel reads the whole prompt's block; after, the pixels of region i
+    (of ``layout``) read block i + 1 alone. Wraps the layer's own processor, which does the attention
+    itself. ``choice`` (prompts, blocks) says with which of ``weight_sets`` (the layer's parameters by
+    name) each prompt's block is read, -1 for the layer's own; both guidance branches of a prompt read it
+    alike.
     """
 
     def __init__(
         self,
         inner,
-        columns: int,
+        layout: Layout,
         width_over_height: float,
         weight_sets: tuple[dict[str, torch.Tensor], ...] = (),
         choice: torch.Tensor | None = None,
     ):
         self.inner = inner
-        self.columns = columns
+        self.layout = layout
         self.width_over_height = width_over_height
         self.weight_sets = weight_sets
         self.choice = choice
-        self.by_column = False
+        self.by_region = False
 
     def _read(self, attn, hidden_states, block: torch.Tensor, index: int, attention_mask, **kwargs):
         """The attention output of every pixel reading block ``index``, each prompt with its weights."""
@@ -118,19 +168,17 @@ class ColumnAttention:
         return output
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        blocks = encoder_hidden_states.chunk(self.columns + 1, dim=1)
-        if not self.by_column:
+        blocks = encoder_hidden_states.chunk(len(self.layout.shares) + 1, dim=1)
+        if not self.by_region:
             return self._read(attn, hidden_states, blocks[0], 0, attention_mask, **kwargs)
         outputs = [
             self._read(attn, hidden_states, block, index, attention_mask, **kwargs)
             for index, block in enumerate(blocks[1:], 1)
         ]
         pixels = hidden_states.shape[1]
-        height = max(1, round((pixels / self.width_over_height) ** 0.5))
-        width = pixels // height
-        column = torch.arange(pixels, device=hidden_states.device) % width * self.columns // width
-        stacked = torch.stack(outputs)  # (columns, batch, pixels, channels)
-        index = column.view(1, 1, pixels, 1).expand(1, *stacked.shape[1:])
+        region = self.layout.region_of_pixels(pixels, self.width_over_height, hidden_states.device)
+        stacked = torch.stack(outputs)  # (regions, batch, pixels, channels)
+        index = region.view(1, 1, pixels, 1).expand(1, *stacked.shape[1:])
         return stacked.gather(0, index)[0]
 
 
@@ -171,20 +219,20 @@ def sample_regional(
     concept: AppliedConcept | None = None,
     **call,
 ):
-    """Run ``pipe`` on prompts that share a column count, their cross-attention split by column.
+    """Run ``pipe`` on prompts that share a layout, their cross-attention split by region.
 
     ``concept``: the concept applied to ``pipe``; prompt blocks that name none of its tokens are read with
     the cross-attention weights it replaced, and for a merged concept those that name only one part's
     tokens with that part's own deltas (``concept.Part``). ``call`` holds the pipeline's other arguments
     (steps, guidance, size, output type).
     """
-    columns = len(regional[0].columns)
+    layout = regional[0].layout
     steps = call["num_inference_steps"]
     switch = round(WHOLE_PROMPT_SHARE * steps)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     width_over_height = call.get("width", size) / call.get("height", size)
     device = pipe.unet.device
-    blocks = [[prompt.whole, *prompt.columns] for prompt in regional]
+    blocks = [[prompt.whole, *prompt.regions] for prompt in regional]
     encoded = [  # the negative prompts once, with the whole prompts: every block shares them
         pipe.encode_prompt(
             prompt=[block[i] for block in blocks],
@@ -193,11 +241,11 @@ def sample_regional(
             do_classifier_free_guidance=i == 0,
             negative_prompt=negatives,
         )
-        for i in range(columns + 1)
+        for i in range(len(layout.shares) + 1)
     ]
     embeds = {
         "prompt_embeds": torch.cat([e[0] for e in encoded], dim=1),
-        "negative_prompt_embeds": torch.cat([encoded[0][1]] * (columns + 1), dim=1),
+        "negative_prompt_embeds": torch.cat([encoded[0][1]] * len(encoded), dim=1),
     }
     if len(encoded[0]) == 4:  # SDXL: the pooled features come from the whole prompt
         embeds["pooled_prompt_embeds"] = encoded[0][2]
@@ -209,9 +257,9 @@ def sample_regional(
         )
     originals = pipe.unet.attn_processors
     wrapped = {
-        name: ColumnAttention(
+        name: RegionAttention(
             processor,
-            columns,
+            layout,
             width_over_height,
             _weight_sets(pipe.unet, concept, name.removesuffix(".processor")) if concept else (),
             choice,
@@ -220,11 +268,11 @@ def sample_regional(
         else processor
         for name, processor in originals.items()
     }
-    split = [processor for processor in wrapped.values() if isinstance(processor, ColumnAttention)]
+    split = [processor for processor in wrapped.values() if isinstance(processor, RegionAttention)]
 
     def switch_at(pipeline, step, timestep, callback_kwargs):
         for processor in split:
-            processor.by_column = step + 1 >= switch
+            processor.by_region = step + 1 >= switch
         return callback_kwargs
 
     switch_at(pipe, -1, None, {})
