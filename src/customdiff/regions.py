@@ -171,15 +171,18 @@ class RegionAttention:
         blocks = encoder_hidden_states.chunk(len(self.layout.shares) + 1, dim=1)
         if not self.by_region:
             return self._read(attn, hidden_states, blocks[0], 0, attention_mask, **kwargs)
-        outputs = [
-            self._read(attn, hidden_states, block, index, attention_mask, **kwargs)
-            for index, block in enumerate(blocks[1:], 1)
-        ]
-        pixels = hidden_states.shape[1]
-        region = self.layout.region_of_pixels(pixels, self.width_over_height, hidden_states.device)
-        stacked = torch.stack(outputs)  # (regions, batch, pixels, channels)
-        index = region.view(1, 1, pixels, 1).expand(1, *stacked.shape[1:])
-        return stacked.gather(0, index)[0]
+        region = self.layout.region_of_pixels(
+            hidden_states.shape[1], self.width_over_height, hidden_states.device
+        )
+        output = None
+        for index, block in enumerate(blocks[1:], 1):  # each pixel's query reads its own region's block alone
+            mine = (region == index - 1).nonzero().squeeze(1)
+            if len(mine):
+                read = self._read(attn, hidden_states[:, mine], block, index, attention_mask, **kwargs)
+                if output is None:
+                    output = read.new_empty(*hidden_states.shape[:2], read.shape[-1])
+                output[:, mine] = read
+        return output
 
 
 def _weight_choice(tokenizer, block: str, concept: Concept) -> int:
@@ -255,13 +258,14 @@ def sample_regional(
         choice = torch.tensor(
             [[_weight_choice(pipe.tokenizer, b, concept.concept) for b in row] for row in blocks]
         )
+    gated = choice is not None and bool((choice >= 0).any())  # else every block reads the applied weights
     originals = pipe.unet.attn_processors
     wrapped = {
         name: RegionAttention(
             processor,
             layout,
             width_over_height,
-            _weight_sets(pipe.unet, concept, name.removesuffix(".processor")) if concept else (),
+            _weight_sets(pipe.unet, concept, name.removesuffix(".processor")) if gated else (),
             choice,
         )
         if ".attn2." in name
