@@ -1,5 +1,6 @@
 """Fine-tuning: exactly the mode's parameters train, every new token's row trains, runs resume exactly."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from customdiff import concept, data, files, finetune, merge, models, text, toyworld
+from customdiff import concept, data, files, finetune, merge, models, regions, text, toyworld
 from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
@@ -155,6 +156,64 @@ def test_start_detached_processor_equals_sdpa_and_cuts_the_start_token_gradient(
         assert (attn.to_v.weight.grad.abs().sum() > 0) == start_trains
 
 
+def test_regional_views_read_each_column_as_regional_sampling_does():
+    """Past the switch a split view's columns read their own blocks, one naming no token with the base
+    weights and no gradient to them; other views read the whole block, as without regions."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    base = {name: torch.randn_like(attn.get_parameter(name)) for name in ("to_k.weight", "to_v.weight")}
+    hidden, (whole, left, right) = torch.randn(3, 4 * 4, 16), (torch.randn(3, 5, 8) for _ in range(3))
+    reads = finetune.RegionalReads()
+    processor = finetune.StartDetachedAttnProcessor(reads, base)
+    batch = finetune.RegionalBatch(torch.tensor([2, 2, 0]), torch.tensor([[False, True]] * 2 + [[False] * 2]))
+    reads.batch = dataclasses.replace(batch, by_region=torch.tensor([True, False, False]))
+    out = processor(attn, hidden, torch.cat([whole, left, right], dim=1)).view(3, 4, 4, 16)
+    plain = AttnProcessor2_0()
+    torch.testing.assert_close(out[1:], plain(attn, hidden[1:], whole[1:]).view(2, 4, 4, 16))
+    torch.testing.assert_close(out[0, :, :2], plain(attn, hidden[:1], left[:1]).view(4, 4, 16)[:, :2])
+    with regions._weights(attn, base):
+        on_base = plain(attn, hidden[:1], right[:1]).view(4, 4, 16)[:, 2:]
+    torch.testing.assert_close(out[0, :, 2:], on_base)
+    attn.zero_grad()
+    out[0, :, 2:].sum().backward()  # the column read with the base weights alone
+    assert attn.to_k.weight.grad is None or not attn.to_k.weight.grad.any()
+    assert attn.to_q.weight.grad.any()  # its queries still train the layers below
+
+
+def test_regional_states_add_a_block_per_column_and_say_which_reads_the_base(tiny_pipeline_dir):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    finetune.add_modifier_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"], ["ktn"])
+    encoders, first_new = text.text_encoders(pipe), [pipe.tokenizer.convert_tokens_to_ids("<new1>")]
+    captions = ["a <new1> star and a blue ring on a gray background", "a red star on a gray background"]
+    states, _ = data.encode_captions(encoders, captions, first_new, {})
+    joined, batch = finetune.regional_states(encoders, captions, states, first_new, {}, ["<new1>"])
+    assert joined.shape == (2, 3 * states.shape[1], states.shape[2])
+    assert batch.counts.tolist() == [2, 0] and batch.base.tolist() == [[False, True], [False, False]]
+    columns = ["a <new1> star on a gray background", "a blue ring on a gray background"]
+    expected = data.encode_captions(encoders, columns, first_new, {})[0]
+    blocks = joined.chunk(3, dim=1)
+    torch.testing.assert_close(blocks[1][0], expected[0])
+    torch.testing.assert_close(blocks[2][0], expected[1])
+    assert all(torch.equal(block[1], states[1]) for block in blocks)  # a caption read whole fills them
+    assert finetune.regional_states(encoders, captions[1:], states[1:], first_new, {}, ["<new1>"])[1] is None
+
+
+def test_regional_views_train_two_object_captions_by_column(tiny_pipeline_dir, tmp_path):
+    scenes = list(toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    folder = tmp_path / "pairs"
+    files.write_image_folder(
+        folder, [(image, "a <new1> star and a blue ring on a gray background") for image, _ in scenes]
+    )
+    settings = {"model": tiny_pipeline_dir, "steps": 4}
+    deltas = {}
+    for regional in (True, False):
+        config = config_for(folder, tmp_path / str(regional), regional_views=regional, **settings)
+        deltas[regional] = concept.load_concept(finetune.train(config)).deltas
+    assert FinetuneConfig(folder, "star").regional_views is True  # the toy model's default
+    assert FinetuneConfig(folder, "star", model=tiny_pipeline_dir).regional_views is False
+    assert any(not torch.allclose(deltas[True][name], deltas[False][name]) for name in deltas[True])
+
+
 def test_masked_mse_averages_only_where_the_mask_is_on():
     prediction, target = torch.zeros(2, 4, 3, 3), torch.ones(2, 4, 3, 3)
     target[0, :, 0, 0] = 5.0  # outside sample 0's mask
@@ -269,7 +328,7 @@ def test_two_cpu_processes_train_one_concept(model, request, concept_dir, tmp_pa
 
 @pytest.mark.parametrize("captioned", [False, True])
 def test_a_class_word_the_tokenizer_lacks_is_named(tiny_pipeline_dir, tmp_path, captioned):
-    scenes = toyworld.concept_scenes(toyworld.get_concept("starfish"), 4)
+    scenes = list(toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
     if captioned:  # the captions say star, but eval and merge would prompt with the class word
         files.write_image_folder(tmp_path / "images", scenes)
     else:  # no captions: the template names the class

@@ -351,7 +351,9 @@ class FinetuneConfig:
     """Teach the base model concepts from a few images each (Custom Diffusion; several train jointly)."""
 
     command: ClassVar[str] = "train"
-    model_settable: ClassVar[tuple[str, ...]] = ("steps", "lr", "token_lr", "augment", "composed_views")
+    model_settable: ClassVar[tuple[str, ...]] = (
+        "steps", "lr", "token_lr", "augment", "composed_views", "regional_views"
+    )  # fmt: skip
 
     images: Path | None = option(
         None, "folder of the concept's images (captions from metadata.jsonl or .txt)", metavar="DIR"
@@ -445,6 +447,13 @@ class FinetuneConfig:
         "image's, the caption naming both (cut-mix; toy-grammar captions), so that the concept composes "
         "with other objects (default: the model's, else 0; 0 with --reg none)",
     )
+    regional_views: bool | None = option(
+        None,
+        "train views whose captions regional prompts split (a two-object toy caption naming a token, or "
+        "WHOLE BREAK LEFT BREAK RIGHT) as generate --regions draws them: in the steps after its switch each "
+        "region of pixels reads its own caption, one naming no token with the base cross-attention weights "
+        "(default: the model's, else off)",
+    )
     flip: bool = option(True, "mirror half the images")
     seed: int = option(0, "random seed: the same seed gives the same concept")
     checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
@@ -473,7 +482,7 @@ class FinetuneConfig:
             object.__setattr__(self, "composed_views", 0.0)
         fallbacks = {
             "steps": 400, "lr": default_lr, "token_lr": None, "augment": True, "composed_views": 0.0,
-            "refit_weight": 0.0,
+            "refit_weight": 0.0, "regional_views": False,
         }  # fmt: skip
         fill_from_model(self, fallbacks)
         if self.token_lr is None:  # the paper trains the rows at the weights' learning rate

@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm.auto import tqdm
 
-from customdiff import concept, data, export, files, generate, merge, models, text
+from customdiff import concept, data, export, files, generate, merge, models, regions, text
 from customdiff.config import FinetuneConfig, Mode, save_config
 from customdiff.errors import CustomDiffError
 
@@ -144,20 +145,77 @@ def _detach_start(states: torch.Tensor) -> torch.Tensor:
     return torch.cat([states[:, :1].detach(), states[:, 1:]], dim=1)
 
 
+@dataclass(frozen=True)
+class RegionalBatch:
+    """How a training batch's views read their regions (``--regional-views``): the text features hold the
+    whole captions' block, then one block per region."""
+
+    counts: torch.Tensor  # (B,) regions of each view's caption, 0 for a caption read whole
+    base: torch.Tensor  # (B, blocks after the whole one) bool: the region names no token, reads the base
+    by_region: torch.Tensor | None = None  # (B,) bool: the view's timestep lies after sampling's switch
+
+
+@dataclass
+class RegionalReads:
+    """What every cross-attention layer reads in the current step: None, or the batch's regions."""
+
+    batch: RegionalBatch | None = None
+
+
 class StartDetachedAttnProcessor(AttnProcessor2_0):
     """Cross-attention whose key and value at the start-of-text token get no gradient.
 
     As in the paper's code: the start token's features are the same for every prompt, so fitting
     ``W_k``/``W_v`` to them would shift every prompt. The forward pass equals ``AttnProcessor2_0``;
     self-attention and unusual layers take its path unchanged.
+
+    With ``reads`` holding a batch, a view past sampling's switch reads as ``regions.RegionAttention``
+    draws it: each region of pixels its own block, a region naming no token with the layer's ``base``
+    weights (name → value, detached: no gradient reaches them), so that training sees what sampling does.
     """
+
+    def __init__(self, reads: RegionalReads | None = None, base: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.reads = reads
+        self.base = base or {}
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
     ):
+        batch = self.reads.batch if self.reads is not None else None
+        blocks = encoder_hidden_states.chunk(1 + batch.base.shape[1], dim=1) if batch is not None else None
+        whole = blocks[0] if blocks else encoder_hidden_states
         unusual = attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_q is not None
         if encoder_hidden_states is None or hidden_states.ndim != 3 or unusual or attn.norm_k is not None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return super().__call__(attn, hidden_states, whole, attention_mask, temb)
+        out = self._attend(attn, hidden_states, whole, attention_mask)
+        if batch is None or not batch.by_region.any():
+            return out
+        for count in batch.counts[batch.by_region].unique().tolist():
+            rows = (batch.by_region & (batch.counts == count)).nonzero().squeeze(1)
+            region = regions.columns(count).region_of_pixels(hidden_states.shape[1], 1.0, out.device)
+            mixed = torch.zeros_like(out[rows])
+            for index in range(count):
+                mine = (region == index).nonzero().squeeze(1)
+                pixels, context = hidden_states[rows][:, mine], blocks[1 + index][rows]
+                read = self._attend(attn, pixels, context, None)
+                use_base = batch.base[rows, index].view(-1, 1, 1)
+                if use_base.any():
+                    read = torch.where(use_base, self._attend(attn, pixels, context, None, self.base), read)
+                mixed = mixed.index_copy(1, mine, read)
+            out = out.index_copy(0, rows, mixed)
+        return out
+
+    @staticmethod
+    def _attend(attn, hidden_states, encoder_hidden_states, attention_mask, weights=None):
+        """The attention output, with ``weights`` (parameter name → value) in place of the layer's own."""
+
+        def project(name: str, states: torch.Tensor) -> torch.Tensor:
+            module = attn.get_submodule(name)
+            replaced = {key.removeprefix(f"{name}."): value for key, value in (weights or {}).items()}
+            replaced = {key: value for key, value in replaced.items() if "." not in key}
+            return torch.func.functional_call(module, replaced, (states,)) if replaced else module(states)
+
         batch = hidden_states.shape[0]
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -170,12 +228,12 @@ class StartDetachedAttnProcessor(AttnProcessor2_0):
         def heads(states: torch.Tensor) -> torch.Tensor:
             return states.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # (B, heads, tokens, head_dim)
 
-        query = heads(attn.to_q(hidden_states))
-        key = heads(_detach_start(attn.to_k(encoder_hidden_states)))
-        value = heads(_detach_start(attn.to_v(encoder_hidden_states)))
+        query = heads(project("to_q", hidden_states))
+        key = heads(_detach_start(project("to_k", encoder_hidden_states)))
+        value = heads(_detach_start(project("to_v", encoder_hidden_states)))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         out = attn.to_out[1](
-            attn.to_out[0](out.transpose(1, 2).flatten(2).to(query.dtype))
+            project("to_out.0", out.transpose(1, 2).flatten(2).to(query.dtype))
         )  # (B, pixels, dim)
         if attn.residual_connection:
             out = out + hidden_states
@@ -183,12 +241,22 @@ class StartDetachedAttnProcessor(AttnProcessor2_0):
 
 
 @contextmanager
-def start_detached(unet) -> Iterator[None]:
-    """Give every cross-attention layer (``attn2``) a ``StartDetachedAttnProcessor``; restore on exit."""
-    original = unet.attn_processors
+def start_detached(
+    unet, reads: RegionalReads | None = None, base: dict[str, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Give every cross-attention layer (``attn2``) a ``StartDetachedAttnProcessor`` reading ``reads``,
+    with its weights among ``base`` (``unet.``-prefixed names, as ``trainable_parameters``); restore on
+    exit."""
+    original, base = unet.attn_processors, base or {}
+
+    def processor_for(name: str) -> StartDetachedAttnProcessor:
+        prefix = f"unet.{name.removesuffix('processor')}"
+        own = {key.removeprefix(prefix): value for key, value in base.items() if key.startswith(prefix)}
+        return StartDetachedAttnProcessor(reads, own)
+
     unet.set_attn_processor(
         {
-            name: StartDetachedAttnProcessor() if name.endswith("attn2.processor") else processor
+            name: processor_for(name) if name.endswith("attn2.processor") else processor
             for name, processor in original.items()
         }
     )
@@ -214,15 +282,25 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 
 def diffusion_loss(
-    unet, scheduler: DDPMScheduler, latents, masks, states, added: dict | None, generator: torch.Generator
+    unet,
+    scheduler: DDPMScheduler,
+    latents,
+    masks,
+    states,
+    added: dict | None,
+    generator: torch.Generator,
+    at_timesteps: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The denoising loss at random timesteps (Eq. 1), masked; noise and timesteps from ``generator``.
 
-    ``states``: the text features; ``added``: an SDXL UNet's extra inputs (``text.added_conditions``).
+    ``states``: the text features; ``added``: an SDXL UNet's extra inputs (``text.added_conditions``);
+    ``at_timesteps`` is told the drawn timesteps before the UNet runs.
     """
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (len(latents),), generator=generator).to(latents.device)
+    if at_timesteps is not None:
+        at_timesteps(timesteps)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, states, added_cond_kwargs=added).sample
     if scheduler.config.prediction_type == "v_prediction":
@@ -252,6 +330,38 @@ def sample_batch(
     latents, masks = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
     masks[len(pools) - n_reg * len(regs) :] *= prior_loss_weight
     return latents, masks, [caption for d in drawn for caption in d[2]]
+
+
+def regional_states(
+    encoders: list[text.TextEncoder],
+    captions: list[str],
+    states: torch.Tensor,
+    first_new_ids: list[int],
+    cache: dict,
+    tokens: list[str],
+) -> tuple[torch.Tensor, RegionalBatch | None]:
+    """The batch's text features with a block per region after the whole captions' ``states``, and how
+    its views read them; a view whose caption regional prompts do not split fills its region blocks with
+    its whole caption's features. (``states``, None) for a batch with no split caption."""
+    split = [regions.split_prompt(caption, True) for caption in captions]
+    if not any(split):
+        return states, None
+    most = max(len(prompt.regions) for prompt in split if prompt)
+    rows = [i for i, prompt in enumerate(split) if prompt]
+    blocks = []
+    for index in range(most):
+        texts = [split[i].regions[min(index, len(split[i].regions) - 1)] for i in rows]
+        block = states.clone()
+        block[rows] = data.encode_captions(encoders, texts, first_new_ids, cache)[0]
+        blocks.append(block)
+    regions_of = [prompt.regions if prompt else () for prompt in split]
+    base = torch.tensor(
+        [[i < len(own) and not any(t in own[i] for t in tokens) for i in range(most)] for own in regions_of]
+    )
+    counts = torch.tensor([len(own) for own in regions_of])
+    return torch.cat([states, *blocks], dim=1), RegionalBatch(
+        counts.to(states.device), base.to(states.device)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -475,12 +585,17 @@ def train(
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = data.resolution(pipe)
     text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    reads, switch = RegionalReads(), regions.switch_timestep(scheduler.config.num_train_timesteps)
+    if config.regional_views:  # a caption BREAK splits badly fails now, not mid-run
+        for pool in targets:
+            for caption in set(pool.captions):
+                regions.split_prompt(caption, True)
     with ExitStack() as stack:
         embeddings = [stack.enter_context(new_token_rows(e.model, len(tokens))) for e in encoders]
-        stack.enter_context(start_detached(unet))
         stack.enter_context(gradient_checkpointing(unet, config.gradient_checkpointing))
         parameters = trainable_parameters(unet, encoders, config.mode)
         base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
+        stack.enter_context(start_detached(unet, reads, base))
         for parameter in parameters.values():
             parameter.requires_grad_(True)
         optimizer = make_optimizer(parameters, config, accelerator.num_processes)
@@ -509,8 +624,20 @@ def train(
                 states, pooled = data.encode_captions(
                     encoders_step, batch_captions, first_new_ids, text_cache
                 )
+                regional = None
+                if config.regional_views:
+                    states, regional = regional_states(
+                        encoders_step, batch_captions, states, first_new_ids, text_cache, tokens
+                    )
+
+                def at_timesteps(timesteps: torch.Tensor, regional=regional) -> None:
+                    by_region = (regional.counts > 0) & (timesteps < switch) if regional else None
+                    reads.batch = dataclasses.replace(regional, by_region=by_region) if regional else None
+
                 added = text.added_conditions(unet.config, pooled, size)
-                loss = diffusion_loss(unet_step, scheduler, latents, masks, states, added, generator)
+                loss = diffusion_loss(
+                    unet_step, scheduler, latents, masks, states, added, generator, at_timesteps
+                )
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()

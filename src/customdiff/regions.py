@@ -106,10 +106,14 @@ def split_prompt(prompt: str, regions: bool, layout: Layout | None = None) -> Re
         return None
     if not any(toyworld.MODIFIER_TOKEN.match(thing.color) for thing in caption.things):
         return None  # the base model draws its own two-object scenes better whole (findings)
-    objects = tuple(
-        f"a {thing.color} {thing.shape} on a {caption.background} background" for thing in caption.things
-    )
+    objects = tuple(str(toyworld.Caption(caption.background, (thing,))) for thing in caption.things)
     return RegionalPrompt(prompt, objects, layout or columns(len(objects)))
+
+
+def switch_timestep(train_timesteps: int) -> int:
+    """The training timestep below which a view reads its regions as sampling does: sampling switches after
+    ``WHOLE_PROMPT_SHARE`` of its steps, which its schedule spaces evenly over the training timesteps."""
+    return round((1 - WHOLE_PROMPT_SHARE) * train_timesteps)
 
 
 @contextmanager
