@@ -328,8 +328,6 @@ class GenerateConfig:
             raise CustomDiffError("give PROMPTs or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
             raise CustomDiffError("--n and --steps take positive numbers")
-        if isinstance(self.concept, (str, Path)):  # GenerateConfig(…, concept=path) from code
-            object.__setattr__(self, "concept", (Path(self.concept),))
 
 
 @dataclass(frozen=True)

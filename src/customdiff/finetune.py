@@ -194,16 +194,15 @@ class StartDetachedAttnProcessor(AttnProcessor2_0):
         for count in batch.counts[batch.by_region].unique().tolist():
             rows = (batch.by_region & (batch.counts == count)).nonzero().squeeze(1)
             region = regions.columns(count).region_of_pixels(hidden_states.shape[1], 1.0, out.device)
-            mixed = torch.zeros_like(out[rows])
-            for index in range(count):
-                mine = (region == index).nonzero().squeeze(1)
-                pixels, context = hidden_states[rows][:, mine], blocks[1 + index][rows]
-                read = self._attend(attn, pixels, context, None)
-                use_base = batch.base[rows, index].view(-1, 1, 1)
-                if use_base.any():
-                    read = torch.where(use_base, self._attend(attn, pixels, context, None, self.base), read)
-                mixed = mixed.index_copy(1, mine, read)
-            out = out.index_copy(0, rows, mixed)
+
+            def read(index: int, pixels: torch.Tensor, rows=rows) -> torch.Tensor:
+                context, use_base = blocks[1 + index][rows], batch.base[rows, index].view(-1, 1, 1)
+                own = self._attend(attn, pixels, context, None)
+                if not use_base.any():
+                    return own
+                return torch.where(use_base, self._attend(attn, pixels, context, None, self.base), own)
+
+            out = out.index_copy(0, rows, regions.by_region(hidden_states[rows], region, read))
         return out
 
     @staticmethod
@@ -355,8 +354,12 @@ def regional_states(
         block[rows] = data.encode_captions(encoders, texts, first_new_ids, cache)[0]
         blocks.append(block)
     regions_of = [prompt.regions if prompt else () for prompt in split]
+    tokenizer = encoders[0].tokenizer
     base = torch.tensor(
-        [[i < len(own) and not any(t in own[i] for t in tokens) for i in range(most)] for own in regions_of]
+        [
+            [i < len(own) and not regions.names_token(tokenizer, own[i], tokens) for i in range(most)]
+            for own in regions_of
+        ]
     )
     counts = torch.tensor([len(own) for own in regions_of])
     return torch.cat([states, *blocks], dim=1), RegionalBatch(

@@ -178,24 +178,41 @@ class RegionAttention:
         region = self.layout.region_of_pixels(
             hidden_states.shape[1], self.width_over_height, hidden_states.device
         )
-        output = None
-        for index, block in enumerate(blocks[1:], 1):  # each pixel's query reads its own region's block alone
-            mine = (region == index - 1).nonzero().squeeze(1)
-            if len(mine):
-                read = self._read(attn, hidden_states[:, mine], block, index, attention_mask, **kwargs)
-                if output is None:
-                    output = read.new_empty(*hidden_states.shape[:2], read.shape[-1])
-                output[:, mine] = read
-        return output
+        return by_region(
+            hidden_states,
+            region,
+            lambda index, pixels: self._read(
+                attn, pixels, blocks[1 + index], 1 + index, attention_mask, **kwargs
+            ),
+        )
+
+
+def by_region(hidden_states: torch.Tensor, region: torch.Tensor, read) -> torch.Tensor:
+    """Each pixel's attention output from its own region alone: ``read(index, pixels)`` attends ``pixels``
+    (batch, n, channels), those of region ``index``, to that region's block. Only a region's own queries
+    are computed, and the result is assembled out of place, so gradients flow through it."""
+    output = None
+    for index in region.unique().tolist():
+        mine = (region == index).nonzero().squeeze(1)
+        read_here = read(index, hidden_states[:, mine])
+        if output is None:
+            output = read_here.new_zeros(*hidden_states.shape[:2], read_here.shape[-1])
+        output = output.index_copy(1, mine, read_here)
+    return output
+
+
+def names_token(tokenizer, block: str, tokens) -> bool:
+    """Whether the prompt ``block`` names any of ``tokens`` (as the tokenizer splits it, not as text)."""
+    ids = set(tokenizer(block).input_ids)
+    return any(tokenizer.convert_tokens_to_ids(token) in ids for token in tokens)
 
 
 def _weight_choice(tokenizer, block: str, concept: Concept) -> int:
     """Which weights read a prompt block (``weight_sets``' order): -1 those applied, 0 the base model's
     for a block naming none of the concept's tokens, 1 + i part i's for one naming only part i's."""
-    ids = set(tokenizer(block).input_ids)
-    named = [any(tokenizer.convert_tokens_to_ids(t) in ids for t in part.tokens) for part in concept.parts]
-    if not any(tokenizer.convert_tokens_to_ids(token) in ids for token in concept.tokens):
+    if not names_token(tokenizer, block, concept.tokens):
         return 0
+    named = [names_token(tokenizer, block, part.tokens) for part in concept.parts]
     return 1 + named.index(True) if sum(named) == 1 else -1
 
 
