@@ -18,6 +18,7 @@ the share of rendered two-concept scenes (the spec's layout) whose VAE round tri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def main() -> None:
         captions = merge.regularization_captions(pipe.tokenizer, 1000, args.seed)
         merged, report = merge.merge_concepts(pipe, separate, captions)
         constrained, constrained_report = merge.merge_concepts(pipe, separate, captions, "constrained")
+        # a prompt naming one concept reads its part's own deltas; without parts, the merged weights
+        # (what export writes and other tools apply)
+        merged_only, constrained_only = (dataclasses.replace(m, parts=()) for m in (merged, constrained))
         small = compress.compress_concept(separate[0], energy=0.6)
         targets = {
             token: [image for _, image, _ in files.read_image_folder(folder)]
@@ -92,10 +96,12 @@ def main() -> None:
             "joint, two-concept prompts drawn whole": scored(joint, two, regions=False),
             f"merged, {tokens[0]} prompts": scored(merged, singles[0]),
             f"merged, {tokens[1]} prompts": scored(merged, singles[1]),
+            f"merged weights alone, {tokens[0]} prompts": scored(merged_only, singles[0]),
+            f"merged weights alone, {tokens[1]} prompts": scored(merged_only, singles[1]),
             "merged, two-concept prompts": scored(merged, two),
             "merged, two-concept prompts drawn whole": scored(merged, two, regions=False),
-            f"paper's constrained merge, {tokens[0]} prompts": scored(constrained, singles[0]),
-            f"paper's constrained merge, {tokens[1]} prompts": scored(constrained, singles[1]),
+            f"paper's constrained merge alone, {tokens[0]} prompts": scored(constrained_only, singles[0]),
+            f"paper's constrained merge alone, {tokens[1]} prompts": scored(constrained_only, singles[1]),
             "paper's constrained merge, two-concept prompts": scored(constrained, two),
         }
     print(
@@ -111,14 +117,16 @@ def main() -> None:
         f"{constrained_report.objective:.3g}"
     )
     own = [rows[f"{t} alone"][PRESENT] for t in tokens]
-    kept = [
-        rows[f"merged, {t} prompts"][PRESENT] / score for t, score in zip(tokens, own, strict=True) if score
-    ]
-    kept_text = f"{100 * min(kept):.0f}%" if len(kept) == len(tokens) else "n/a (a concept alone scores 0)"
+
+    def kept(row: str) -> str:
+        shares = [rows[row.format(t)][PRESENT] / score for t, score in zip(tokens, own, strict=True) if score]
+        return f"{100 * min(shares):.0f}%" if len(shares) == len(tokens) else "n/a (a concept alone scores 0)"
+
     print(
         f"floors: joint both present {rows['joint, two-concept prompts'][BOTH]:.1f}% (≥ 60), merged "
         f"{rows['merged, two-concept prompts'][BOTH]:.1f}% (≥ 50); merged keeps "
-        f"{kept_text} of a concept's own score (≥ 90%); 60% energy changes concept-present by "
+        f"{kept('merged, {} prompts')} of a concept's own score (≥ 90%; its merged weights alone "
+        f"{kept('merged weights alone, {} prompts')}); 60% energy changes concept-present by "
         f"{rows[f'{tokens[0]} 60% energy'][PRESENT] - rows[f'{tokens[0]} alone'][PRESENT]:+.1f} points "
         f"(within ±2); the VAE alone keeps both concepts in {ceiling:.1f}% of rendered two-concept scenes"
     )

@@ -208,7 +208,7 @@ def test_merging_a_merged_concept_keeps_every_part(tiny_pipeline_dir, random_con
     assert [part.tokens for part in trio.parts] == [("<new1>",), ("<new2>",), ("<new3>",)]
     assert trio.parts[0] is star_part and trio.parts[1] is ring_part
     stored = sum(delta.numel() for part in trio.parts for delta in part.deltas.values())
-    line = f"keeps the deltas of its 3 parts ({stored:,} values stored), for regional prompts"
+    line = f"keeps the deltas of its 3 parts ({stored:,} values stored), for prompts naming one of them"
     assert line in concept.describe(trio, trio.base_hash, "x")
 
 

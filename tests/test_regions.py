@@ -121,7 +121,9 @@ def test_a_concept_acts_only_in_the_blocks_naming_its_token(model, request, make
     assert all(torch.equal(p, weights[name]) for name, p in pipe.unet.named_parameters() if name in weights)
 
 
-def test_a_merged_concepts_part_draws_the_blocks_naming_only_its_tokens(tiny_pipeline_dir, make_concept):
+def test_a_merged_concepts_part_draws_the_prompts_and_blocks_naming_only_its_tokens(
+    tiny_pipeline_dir, make_concept
+):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     star, ring = (
         make_concept(pipe, "<new1>", seed=1, scale=1.0),
@@ -131,15 +133,22 @@ def test_a_merged_concepts_part_draws_the_blocks_naming_only_its_tokens(tiny_pip
     assert [part.tokens for part in merged.parts] == [("<new1>",), ("<new2>",)]
     prompts = [
         "a <new1> star and a red ring BREAK a <new1> star BREAK a red ring",  # the star's part, then base
+        "a <new1> star on a gray background",  # drawn whole, the star's part throughout
         "a <new1> star and a <new2> ring BREAK a <new1> star BREAK a <new2> ring",
+        "a photo of a <new1> star and a <new2> ring",  # drawn whole, both named: the merged weights
+        "a red star on a gray background",  # none named: the merged weights
     ]
     kwargs = {"n": 1, "steps": 3, "progress": False, "regions": True}
-    own, both = generate.sample(pipe, prompts, concept=apply_concept(pipe, merged), **kwargs)
-    unparted = generate.sample(pipe, prompts[1:], **kwargs)[0]  # merged weights throughout
+    applied = apply_concept(pipe, merged)
+    weights = {name: p.detach().clone() for name, p in pipe.unet.named_parameters()}
+    own, own_whole, both, both_whole, neither = generate.sample(pipe, prompts, concept=applied, **kwargs)
+    assert all(torch.equal(p, weights[name]) for name, p in pipe.unet.named_parameters())
+    unparted = generate.sample(pipe, prompts[2:], **kwargs)  # merged weights throughout
     pipe = models.load_pipeline(tiny_pipeline_dir)
-    alone = generate.sample(pipe, prompts[:1], concept=apply_concept(pipe, star), **kwargs)[0]
-    assert np.array_equal(own, alone)
-    assert not np.array_equal(both, unparted)
+    alone = generate.sample(pipe, prompts[:2], concept=apply_concept(pipe, star), **kwargs)
+    assert np.array_equal(own, alone[0]) and np.array_equal(own_whole, alone[1])
+    assert not np.array_equal(both, unparted[0])
+    assert np.array_equal(both_whole, unparted[1]) and np.array_equal(neither, unparted[2])
 
 
 @pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])

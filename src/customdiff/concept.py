@@ -37,8 +37,8 @@ PARTS = "parts."  # prefix of a merged concept's parts' deltas in the file: "par
 @dataclass(frozen=True)
 class Part:
     """One of the concepts a merged concept was made from: its tokens and its own deltas (restricted to the
-    merged ones; ``factors`` as ``Concept``'s). Regional prompts draw a column that names only these tokens
-    with these deltas instead of the merged ones (``regions.py``)."""
+    merged ones; ``factors`` as ``Concept``'s). A prompt, or a regional prompt's column, that names only
+    these tokens is drawn with these deltas instead of the merged ones (``regions.py``)."""
 
     tokens: tuple[str, ...]
     deltas: dict[str, torch.Tensor]
@@ -219,7 +219,7 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
     if concept.parts:
         stored = sum(_values_stored(part.deltas, part.factors) for part in concept.parts)
         parts = f"{len(concept.parts)} parts ({stored:,} values stored)"
-        lines.append(f"keeps the deltas of its {parts}, for regional prompts")
+        lines.append(f"keeps the deltas of its {parts}, for prompts naming one of them")
     return lines
 
 

@@ -306,7 +306,8 @@ class GenerateConfig:
     concept: tuple[Path, ...] = option(
         (),
         "concept.safetensors (or its folder) to apply to the model first; several are merged in memory as "
-        "customdiff merge merges them (its defaults), each drawn with its own weights in regional prompts",
+        "customdiff merge merges them (its defaults), a prompt or column naming one of them drawn with its "
+        "own weights",
     )
     rename_tokens: bool = option(
         False, "with several --concept: give a token an earlier one already uses the first free <newN>"

@@ -19,17 +19,20 @@ if TYPE_CHECKING:
 
 
 class Job(NamedTuple):
-    """One image to sample: its place in the output, its prompt (and regions), negative prompt and seed."""
+    """One image to sample: its place in the output, its prompt (and regions), negative prompt and seed,
+    and for a prompt drawn whole, the weights it is drawn with (``regions.part_named``)."""
 
     position: int
     prompt: str
     regions: regional.RegionalPrompt | None
     negative: str
     seed: int
+    weights: int
 
-    def layout(self) -> tuple:
-        """What a batch of jobs must share: their regions' layout (none for a plain prompt)."""
-        return (self.regions.layout.rows, self.regions.layout.shares) if self.regions else ()
+    def group(self) -> tuple:
+        """What a batch of jobs must share: their regions' layout (none for a plain prompt) and weights."""
+        layout = (self.regions.layout.rows, self.regions.layout.shares) if self.regions else ()
+        return (layout, self.weights)
 
 
 @torch.no_grad()
@@ -53,7 +56,8 @@ def sample(
     With ``regions`` (default: ``models.recommended_regions``), prompts written ``WHOLE BREAK LEFT BREAK
     RIGHT`` and two-object toy-world captions naming a concept are drawn by region (``regions.py``), in
     ``layout`` (default: equal columns); there ``concept``, the one ``apply_concept`` put on ``pipe``, acts
-    only on the blocks naming its tokens. Image
+    only on the blocks naming its tokens. A prompt drawn whole that names only one part's tokens of a merged
+    ``concept`` is drawn with that part's own deltas, as its own run draws it. Image
     ``i`` of a prompt always comes from seed ``seed + i``, so it does not depend on ``n``, on the batch
     size or on the other prompts of the run.
     """
@@ -67,18 +71,19 @@ def sample(
         models.check_prompt(pipe.tokenizer, negative)
     guidance = models.recommended_guidance(pipe) if guidance is None else guidance
     jobs = [
-        Job(position * n + index, prompt, parts, negative, seed + index)
+        Job(position * n + index, prompt, parts, negative, seed + index, weights)
         for position, (prompt, parts, negative) in enumerate(
             zip(prompts, split, negative_prompts, strict=True)
         )
+        for weights in [-1 if parts else regional.part_named(pipe.tokenizer, prompt, concept)]
         for index in range(n)
     ]
-    jobs.sort(key=Job.layout)  # prompts split alike are denoised together
+    jobs.sort(key=Job.group)  # prompts split alike and drawn with the same weights are denoised together
     call = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "np"}
     device = pipe.unet.device
     batches = [
         group[start : start + batch_size]
-        for group in (list(same) for _, same in itertools.groupby(jobs, key=Job.layout))
+        for group in (list(same) for _, same in itertools.groupby(jobs, key=Job.group))
         for start in range(0, len(group), batch_size)
     ]
     images: dict[int, np.ndarray] = {}
@@ -86,9 +91,10 @@ def sample(
         generators = [torch.Generator(device).manual_seed(job.seed) for job in batch]
         negatives = [job.negative for job in batch]
         if batch[0].regions is None:
-            output = pipe(
-                [job.prompt for job in batch], negative_prompt=negatives, generator=generators, **call
-            )
+            with regional.drawn_with(pipe.unet, concept, batch[0].weights):
+                output = pipe(
+                    [job.prompt for job in batch], negative_prompt=negatives, generator=generators, **call
+                )
         else:
             output = regional.sample_regional(
                 pipe, [job.regions for job in batch], negatives, generators, concept, **call

@@ -216,23 +216,44 @@ def _weight_choice(tokenizer, block: str, concept: Concept) -> int:
     return 1 + named.index(True) if sum(named) == 1 else -1
 
 
+def _weight_set(unet, applied: AppliedConcept, choice: int, prefix: str = "unet.") -> dict[str, torch.Tensor]:
+    """The weights under ``prefix`` that the concept replaced, as ``choice`` reads them (0: as in the base
+    model, 1 + i: with part i's deltas), named relative to ``prefix``."""
+    deltas = applied.concept.parts[choice - 1].deltas if choice else {}
+    weights = {}
+    for name, original in applied.originals.items():
+        if name.startswith(prefix):
+            base = original.to(unet.get_parameter(name.removeprefix("unet.")))
+            weights[name.removeprefix(prefix)] = plus_delta(base, deltas[name]) if name in deltas else base
+    return weights
+
+
 def _weight_sets(unet, applied: AppliedConcept, layer: str) -> tuple[dict[str, torch.Tensor], ...]:
     """The weights of cross-attention ``layer`` (``….attn2``) that the concept replaced: as they were in
     the base model, then with each of its parts' deltas."""
-    prefix = f"unet.{layer}."
-    base = {
-        name: original.to(unet.get_parameter(name.removeprefix("unet.")))
-        for name, original in applied.originals.items()
-        if name.startswith(prefix)
-    }
-    sets = [base] + [
-        {
-            name: plus_delta(original, part.deltas[name]) if name in part.deltas else original
-            for name, original in base.items()
-        }
-        for part in applied.concept.parts
-    ]
-    return tuple({name.removeprefix(prefix): value for name, value in weights.items()} for weights in sets)
+    return tuple(
+        _weight_set(unet, applied, choice, f"unet.{layer}.")
+        for choice in range(len(applied.concept.parts) + 1)
+    )
+
+
+def part_named(tokenizer, prompt: str, concept: AppliedConcept | None) -> int:
+    """For a prompt drawn whole: 1 + i when it names only part i's tokens of a merged ``concept``, so that
+    it is drawn as that concept's own run draws it (``drawn_with``); else -1, the applied weights."""
+    if concept is None or not concept.concept.parts:
+        return -1
+    choice = _weight_choice(tokenizer, prompt, concept.concept)
+    return choice if choice > 0 else -1
+
+
+@contextmanager
+def drawn_with(unet, applied: AppliedConcept | None, choice: int):
+    """``unet`` with the weights ``choice`` picks (``part_named``) in place of the applied ones."""
+    if choice < 0:
+        yield
+        return
+    with _weights(unet, _weight_set(unet, applied, choice)):
+        yield
 
 
 def sample_regional(
