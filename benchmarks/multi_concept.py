@@ -5,7 +5,8 @@ Trains ``<new1>`` (default: the starfish, a star) and ``<new2>`` (the donut, a r
 jointly, merges the separate ones (the default weighted merge and the paper's constrained one), and
 compresses ``<new1>`` to 60% of its singular-value energy. Each is sampled on the paper's prompt kinds and
 read by the toy judge. Two-concept prompts are drawn a column a concept, the toy model's default, and
-whole (README, "Regional prompts").
+whole (README, "Regional prompts"). A merge draws a prompt naming one of its concepts with that concept's
+own deltas (its parts); the "merged weights alone" rows drop the parts, as other tools apply a merge.
 
     python benchmarks/multi_concept.py [--concepts starfish donut] [--steps N] [--n 4]
 
