@@ -54,6 +54,25 @@ def test_eval_writes_the_papers_metrics_and_the_judges(run_cli, tiny_pipeline_di
     assert EvalConfig(concept_run).regions is True  # the toy model draws a column a concept
 
 
+def test_eval_draws_two_object_prompts_in_the_regions_ratios_ask(
+    run_cli, tiny_pipeline_dir, concept_run, tmp_path
+):
+    args = ("--model", tiny_pipeline_dir, "--n", 2, "--steps", 2, "--regions")
+    samples = {}
+    for ratios in ((), ("--region-ratios", "1,1"), ("--region-ratios", "3,1")):
+        out = tmp_path / "-".join(ratios)
+        code, _, err = run_cli("eval", concept_run, *args, *ratios, "-o", out)
+        assert code == 0, err
+        samples[ratios[1:]] = files.read_image_folder(out / "samples" / "finetuned")
+    default, equal, wide = samples[()], samples[("1,1",)], samples[("3,1",)]
+    for (_, image, caption), (_, same, _), (_, other, _) in zip(default, equal, wide, strict=True):
+        assert np.array_equal(np.asarray(image), np.asarray(same))
+        split = " and a " in caption and "<new1>" in caption  # drawn by region
+        assert np.array_equal(np.asarray(image), np.asarray(other)) != split, caption
+    code, _, err = run_cli("eval", concept_run, *args, "--region-ratios", "1,1,1", "-o", tmp_path / "x")
+    assert code == 2 and "gives 3 regions" in err and len(err.strip().splitlines()) == 1
+
+
 def test_eval_bad_input_is_one_line(run_cli, tiny_pipeline_dir, concept_run, tmp_path):
     code, _, err = run_cli("eval", tmp_path / "nothing.safetensors", "--model", tiny_pipeline_dir)
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1

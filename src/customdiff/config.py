@@ -41,6 +41,10 @@ REGIONS_HELP = (
     "prompt written WHOLE BREAK LEFT BREAK RIGHT [BREAK …], in equal columns or generate's --region-ratios "
     "(default: the model's, else off)"
 )
+REGION_RATIOS_HELP = (
+    'with --regions: each region\'s share of the image, "1,2" for columns (left to right) or "1;2" for rows '
+    "(top to bottom), as the Regional Prompter's divide ratio (default: equal columns)"
+)
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
 
@@ -314,11 +318,7 @@ class GenerateConfig:
     )
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     regions: bool | None = option(None, REGIONS_HELP)
-    region_ratios: str | None = option(
-        None,
-        'with --regions: each region\'s share of the image, "1,2" for columns (left to right) or "1;2" for '
-        "rows (top to bottom), as the Regional Prompter's divide ratio (default: equal columns)",
-    )
+    region_ratios: str | None = option(None, REGION_RATIOS_HELP)
     batch_size: int = option(16, "images denoised at once")
 
     def __post_init__(self) -> None:
@@ -653,6 +653,7 @@ class EvalConfig:
     guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
     seed: int = option(0, "seed of sample 0 of each prompt")
     regions: bool | None = option(None, REGIONS_HELP)
+    region_ratios: str | None = option(None, REGION_RATIOS_HELP)
 
     def __post_init__(self) -> None:
         fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})

@@ -23,6 +23,7 @@ from PIL import Image
 
 from customdiff import concept as concepts
 from customdiff import data, files, generate, models, toyjudge, toyworld
+from customdiff import regions as regional
 from customdiff.config import EvalConfig, FinetuneConfig, save_config
 from customdiff.errors import CustomDiffError
 
@@ -194,6 +195,7 @@ def evaluate(
     seed: int = 0,
     samples_dir: Path | None = None,
     regions: bool | None = None,
+    layout: regional.Layout | None = None,
 ) -> dict[str, float]:
     """Sample base and fine-tuned models on ``prompts`` and compute the paper's metrics (+ the judge's).
 
@@ -203,6 +205,7 @@ def evaluate(
         samples_dir: where to keep the samples as image folders ``finetuned/`` and ``base/`` (optional).
         regions: draw two-object prompts naming a concept by column (default: the model's;
             ``generate.sample``).
+        layout: the regions' shares of the image (default: equal columns; ``regions.Layout``).
     Returns:
         metric name → value; judge metrics only for toy-world prompts and 64×64 samples.
     """
@@ -213,8 +216,9 @@ def evaluate(
     applied = concepts.apply_concept(pipe, loaded)
     try:
         tuned_concept = generate.sample(
-            pipe, list(prompts.concept), n, steps, guidance, seed, regions=regions, concept=applied
-        )
+            pipe, list(prompts.concept), n, steps, guidance, seed, regions=regions, concept=applied,
+            layout=layout,
+        )  # fmt: skip
         tuned_class = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
     finally:
         concepts.remove_concept(pipe, applied)
@@ -301,6 +305,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         config.seed,
         out / "samples",
         config.regions,
+        regional.parse_layout(config.region_ratios) if config.region_ratios else None,
     )
     write_report(out, Path(config.concept).name, metrics)
     save_config(config, out)
