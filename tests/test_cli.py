@@ -241,6 +241,12 @@ def test_config_checks_run_on_construction():
         config.FinetuneConfig(Path("x"), "star", composed_views=1.5)
     with pytest.raises(CustomDiffError, match="drop --reg none"):
         config.FinetuneConfig(Path("x"), "star", composed_views=0.5, reg="none")
+    ratios = {"regions": False, "region_ratios": "2,1"}
+    with pytest.raises(CustomDiffError, match="--region-ratios divides regional prompts: pass --regions"):
+        config.GenerateConfig(prompt=("a star",), **ratios)
+    with pytest.raises(CustomDiffError, match="pass --regions too, or drop it"):
+        config.EvalConfig(Path("x"), **ratios)
+    assert config.GenerateConfig(prompt=("a star",), region_ratios="2,1").regions  # the toy model's
     assert config.FinetuneConfig(Path("x"), "star").composed_views == 0.5  # the toy model's
     assert config.FinetuneConfig(Path("x"), "star", reg="none").composed_views == 0  # none to pair with
 

@@ -323,6 +323,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})
+        check_region_ratios(self)
         if isinstance(self.prompt, str):  # GenerateConfig("a red star") from code
             object.__setattr__(self, "prompt", (self.prompt,))
         if bool(self.prompt) == (self.prompts is not None):
@@ -657,6 +658,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})
+        check_region_ratios(self)
         if self.n < 2 or self.steps < 1:
             raise CustomDiffError("--n takes 2 or more (KID compares sets), --steps a positive number")
 
@@ -805,6 +807,12 @@ def fill_from_model(config: Any, fallbacks: dict[str, Any]) -> None:
         if isinstance(value, dict):
             value = value.get(config.mode, fallbacks[name])
         object.__setattr__(config, name, value)
+
+
+def check_region_ratios(config: Any) -> None:
+    """Ratios divide regional prompts: without them on they would be ignored, so say so."""
+    if config.region_ratios and not config.regions:
+        raise CustomDiffError("--region-ratios divides regional prompts: pass --regions too, or drop it")
 
 
 def check_token(token: str, where: str) -> None:
