@@ -43,6 +43,13 @@ def test_check_prompt_names_an_unknown_word():
         models.check_prompt(tokenizer, "a pink star on a grass background")
 
 
+def test_check_prompt_names_a_modifier_token_no_concept_brought():
+    tokenizer = models.build_toy_tokenizer()
+    models.check_prompt(tokenizer, "a <new1> star on a gray background", new_tokens=["<new1>"])
+    with pytest.raises(CustomDiffError, match="names <new1>, which no concept here holds; pass --concept"):
+        models.check_prompt(tokenizer, "a <new1> star on a gray background")
+
+
 def test_load_pipeline_runs_a_tiny_sd_folder(tiny_pipeline_dir, tmp_path):
     pipe = models.load_pipeline(tiny_pipeline_dir)
     images = generate.sample(pipe, ["a red star on a gray background"], n=2, steps=2, progress=False)

@@ -385,15 +385,22 @@ def default_initializer(tokenizer, token: str) -> str:
 
 
 def check_prompt(tokenizer: CLIPTokenizer, prompt: str, new_tokens: Iterable[str] = ()) -> None:
-    """Reject a prompt word the tokenizer cannot spell (an unknown piece, or a closed vocabulary lacking it);
-    ``new_tokens`` count as known, as they will be once training adds them.
+    """Reject a prompt word the tokenizer cannot spell (an unknown piece, or a closed vocabulary lacking it),
+    and a modifier token no concept brought; ``new_tokens`` count as known, as they will be once training
+    adds them.
 
-    A real CLIP tokenizer spells any word from bytes; the toy one knows only its own words, so a word it
-    splits into pieces would reach the model as noise.
+    A real CLIP tokenizer spells any word from bytes, ``<new1>`` too: without the check a prompt naming a
+    concept that was never applied would be drawn, silently, without it. The toy tokenizer knows only its
+    own words, so a word it splits into pieces would reach the model as noise.
     """
     spells_bytes = spells_any_word(tokenizer)
     added = set(tokenizer.get_added_vocab()) | set(new_tokens)
     for word in [word for word in prompt.replace(",", " , ").split() if word not in added]:
+        if toyworld.MODIFIER_TOKEN.match(word):
+            raise CustomDiffError(
+                f'"{prompt}" names {word}, which no concept here holds; pass --concept RUN, the run that '
+                "trained it (or train it)"
+            )
         pieces = tokenizer(word, add_special_tokens=False).input_ids
         if tokenizer.unk_token_id in pieces or (not spells_bytes and len(pieces) != 1):
             hint = f"words it knows: {', '.join(toy_words())}" if not spells_bytes else "check its spelling"
