@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from customdiff import concept, data, files, finetune, merge, models, regions, text, toyworld
+from customdiff import concept, data, export, files, finetune, merge, models, regions, text, toyworld
 from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
@@ -272,6 +272,30 @@ def test_a_resumed_run_ends_where_a_straight_run_ends(tiny_pipeline_dir, concept
             config_for(concept_dir, resumed_dir, **{**settings, "lr": 1e-2}),
             models.load_pipeline(tiny_pipeline_dir),
         )
+
+
+def test_save_every_keeps_each_steps_concept_as_a_run_that_long_ends(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    long = finetune.train(
+        config_for(concept_dir, tmp_path / "long", steps=4, save_every=2),
+        models.load_pipeline(tiny_pipeline_dir),
+    )
+    short = finetune.train(
+        config_for(concept_dir, tmp_path / "short"), models.load_pipeline(tiny_pipeline_dir)
+    )
+    saved = tmp_path / "long" / "step-2"
+    assert sorted(p.name for p in long.parent.glob("step-*")) == ["step-2"]  # step 4 is the run's own
+    assert {p.name for p in saved.iterdir()} == {p.name for p in short.parent.iterdir()} - {"run_config.json"}
+    a, b, last = concept.load_concept(saved), concept.load_concept(short), concept.load_concept(long)
+    assert a.config["steps"] == 2 and last.config["steps"] == 4
+    assert torch.equal(a.token_embeddings, b.token_embeddings)
+    assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in b.deltas)
+    assert not torch.equal(a.token_embeddings, last.token_embeddings)
+    for name in ("<new1>.safetensors", export.DIFFUSERS_ATTN_FILE):
+        assert (saved / name).read_bytes() == (short.parent / name).read_bytes()
+    with pytest.raises(CustomDiffError, match="--save-every -1"):
+        config_for(concept_dir, tmp_path / "bad", save_every=-1)
 
 
 def test_gradient_checkpointing_gives_the_same_concept_and_previews_are_called(

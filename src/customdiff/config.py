@@ -457,6 +457,11 @@ class FinetuneConfig:
     flip: bool = option(True, "mirror half the images")
     seed: int = option(0, "random seed: the same seed gives the same concept")
     checkpoint_every: int = option(100, "steps between checkpoints (training resumes from the last)")
+    save_every: int = option(
+        0,
+        "steps between concepts saved as training goes, each usable as it stands (OUT/step-N), to pick the "
+        "best step afterwards (0: none)",
+    )
     preview_every: int = option(0, "steps between preview grids in OUT/previews (0: none)")
     preview_prompts: tuple[str, ...] = option(
         (),
@@ -538,6 +543,8 @@ class FinetuneConfig:
             raise CustomDiffError(
                 "--composed-views pairs targets with regularization images: drop --reg none"
             )
+        if self.save_every < 0:
+            raise CustomDiffError(f"--save-every {self.save_every}: pass a number of steps, or 0 for none")
         if self.preview_prompts and not self.preview_every:
             raise CustomDiffError("--preview-prompts are drawn every --preview-every N steps: pass N")
         if self.class_prompt and not self.class_images:

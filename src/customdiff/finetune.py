@@ -39,7 +39,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_EVERY = 10
 # what a resumed run may change: how long, how often it saves, where it writes, and where a checkpoint
 # file's configs come from (the weights stay those of --model)
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "preview_prompts", "out", "model_config")
+RESUME_MAY_CHANGE = (
+    "steps", "checkpoint_every", "save_every", "preview_every", "preview_prompts", "out", "model_config"
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -537,6 +539,12 @@ def check_prompts(tokenizer, config: FinetuneConfig) -> None:
             raise CustomDiffError(f"the class word of {spec.images}: {error}") from None
 
 
+def write_concept(folder: Path, result: concept.Concept, unet) -> None:
+    """Write ``concept.safetensors`` and the files diffusers loads (given the fine-tuned ``unet``)."""
+    concept.save_concept(folder, result)
+    export.write_diffusers(folder, result, unet)
+
+
 def make_optimizer(parameters: dict, config: FinetuneConfig, num_processes: int) -> torch.optim.AdamW:
     """AdamW over the trained tensors alone: the K/V (or UNet) weights at ``--lr``, the token rows at
     ``--token-lr``, each times the images a step across processes with ``--scale-lr`` (as the paper)."""
@@ -615,6 +623,27 @@ def train(
             dynamic_ncols=True,
             disable=None if accelerator.is_main_process else True,
         )
+
+        def trained(steps_done: int) -> concept.Concept:
+            """The concept as its tensors stand after ``steps_done`` steps (before any refit)."""
+            settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+            return concept.Concept(
+                base_hash=base_hash,
+                mode=config.mode,
+                tokens=tuple(tokens),
+                class_words=tuple(spec.class_word for spec in specs),
+                initializers=tuple(initializers),
+                token_embeddings=torch.cat(
+                    [getattr(e, NEW_ROWS).detach().float().cpu() for e in embeddings], 1
+                ),
+                embedding_widths=text.embedding_widths(encoders),
+                deltas={
+                    name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()
+                },
+                captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
+                config={**settings, "steps": steps_done},
+            )
+
         losses, started = [], time.perf_counter()  # seconds in the log count the loop alone
         while step < config.steps:
             # batches, noise and timesteps from (seed, process, step): a resumed run draws what an
@@ -659,21 +688,12 @@ def train(
                 )
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
+            if config.save_every and step % config.save_every == 0 and step < config.steps:
+                write_concept(out / f"step-{step}", trained(step), unet)
             if config.preview_every and step % config.preview_every == 0:
                 preview(step, pipe)
         bar.close()
-        result = concept.Concept(
-            base_hash=base_hash,
-            mode=config.mode,
-            tokens=tuple(tokens),
-            class_words=tuple(spec.class_word for spec in specs),
-            initializers=tuple(initializers),
-            token_embeddings=torch.cat([getattr(e, NEW_ROWS).detach().float().cpu() for e in embeddings], 1),
-            embedding_widths=text.embedding_widths(encoders),
-            deltas={name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()},
-            captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
-            config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-        )
+        result = trained(config.steps)
         if config.refit_weight:
             result, record = refit(pipe, result, parameters, base, config)
             if accelerator.is_main_process:
@@ -683,7 +703,6 @@ def train(
     path = out / concept.CONCEPT_FILE
     if accelerator.is_main_process:
         save_config(config, out)
-        concept.save_concept(out, result)
-        export.write_diffusers(out, result, unet)
+        write_concept(out, result, unet)
     accelerator.wait_for_everyone()
     return path
