@@ -147,7 +147,7 @@ def train(config: FinetuneConfig) -> None:
     path = finetune.train(config)
     print(f"wrote {path}, its diffusers files and run_config.json to {path.parent}")
     if config.save_every:
-        print(f"kept the concept of every {config.save_every}th step before the last in {path.parent}/step-N")
+        print(f"kept the concept every {config.save_every} steps on the way in {path.parent}/step-N")
     model = (("--model", config.model), ("--model-config", config.model_config))
     base = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in model if value is not None)
     caption = load_concept(path).captions[0]
