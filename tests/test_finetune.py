@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
-from customdiff import concept, data, export, files, finetune, merge, models, regions, text, toyworld
+from customdiff import cli, concept, data, export, files, finetune, merge, models, regions, text, toyworld
 from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
@@ -335,19 +335,45 @@ def test_config_rejects_inconsistent_flags(concept_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])
-def test_two_cpu_processes_train_one_concept(model, request, concept_dir, tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    train = ["-m", "customdiff", "train", "--images", concept_dir, "--class-word", "star"]
-    train += ["--model", request.getfixturevalue(model), "--reg", "none", "--steps", "3", "--batch-size", "2"]
+@pytest.mark.parametrize(
+    "model, mode",
+    [
+        ("tiny_pipeline_dir", "crossattn_kv"),
+        ("tiny_pipeline_dir", "token"),
+        ("tiny_sdxl_dir", "crossattn_kv"),
+    ],
+)
+def test_two_cpu_processes_train_one_concept(model, mode, request, concept_dir, tmp_path):
+    settings = ["--reg", "none", "--steps", "3", "--batch-size", "2", "--no-scale-lr", "--lr", "1e-2"]
+    settings += ["--mode", mode]
+    train = [sys.executable, "-m", "customdiff", "train", "--images", concept_dir, "--class-word", "star"]
+    train += ["--model", request.getfixturevalue(model), *settings]
     result = subprocess.run(
-        [*launch, *map(str, train), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=600
-    )
+        [*map(str, train), "--num-processes", "2", "-o", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    trained = concept.load_concept(tmp_path / "out")
-    assert trained.config["batch_size"] == 2
-    assert all(delta.abs().sum() > 0 for delta in trained.deltas.values())
+    assert result.stdout.count("wrote ") == 1  # the first process reports
+    assert cli.main([*map(str, train[3:]), "-o", str(tmp_path / "one")]) == 0
+    two, one = concept.load_concept(tmp_path / "two"), concept.load_concept(tmp_path / "one")
+    assert two.config["num_processes"] == 2 and one.config["num_processes"] == 1
+    # the first process draws the batches of a one-process run: only the other's gradients tell them apart
+    assert not torch.allclose(two.token_embeddings, one.token_embeddings)
+    assert all(not torch.allclose(two.deltas[name], one.deltas[name]) for name in one.deltas)
+
+
+def test_a_launch_of_two_processes_fails_with_one_line_and_no_hang(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    train = ["train", "--images", tmp_path / "empty", "--class-word", "star", "--model", tiny_pipeline_dir]
+    train += ["--num-processes", "2", "-o", tmp_path / "out"]
+    result = subprocess.run(
+        [sys.executable, "-m", "customdiff", *map(str, train)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"customdiff: error: no readable image in {tmp_path / 'empty'}; pass a folder of PNG or JPEG images"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("captioned", [False, True])

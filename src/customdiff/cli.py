@@ -5,6 +5,7 @@ bug and keeps its traceback.
 """
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -261,6 +262,60 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return python_warning_format(message, category, filename, lineno, line)
 
 
+def launch_processes(count: int, argv: list[str]) -> int:
+    """Run this command in ``count`` processes of one torch.distributed group, as torchrun would; returns
+    the failed process's exit status (the others are stopped: they would wait for it), else 0.
+
+    Not ``accelerate launch``: without mpirun its ``--cpu`` starts one process, and its multi-GPU path puts
+    CPU processes in no group. Only the first process writes to the terminal (progress, errors); the others'
+    output is shown only when one of them alone fails.
+    """
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import torch
+
+    with socket.socket() as probe:  # a free port for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    group = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(count)}
+    group |= {"LOCAL_WORLD_SIZE": str(count), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+    if not torch.cuda.is_available():
+        group["ACCELERATE_USE_CPU"] = "true"  # accelerate's gloo group of CPU processes
+    command = [sys.executable, "-m", "customdiff", *argv]
+    with contextlib.ExitStack() as stack:
+        logs = [None] + [stack.enter_context(tempfile.TemporaryFile()) for _ in range(count - 1)]
+        processes = [
+            subprocess.Popen(
+                command,
+                env={**os.environ, **group, "RANK": str(i), "LOCAL_RANK": str(i)},
+                stdout=subprocess.DEVNULL if i else None,  # what it would say, the first says
+                stderr=logs[i],
+            )
+            for i in range(count)
+        ]
+        try:
+            while (codes := [process.poll() for process in processes]).count(None) and not any(codes):
+                time.sleep(0.2)  # until all have ended or one has failed
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the first may be failing at the same time
+                processes[0].wait(timeout=2)
+            codes = [process.poll() for process in processes]  # None: waits for the failed one
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.terminate()
+                process.wait()
+        first = next((rank for rank, code in enumerate(codes) if code), None)  # rank 0's if it failed
+        if first is None:
+            return 0
+        if first > 0:
+            logs[first].seek(0)
+            sys.stderr.write(logs[first].read().decode(errors="replace"))
+        return codes[first] if codes[first] > 0 else 1  # negative: killed by a signal
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, 2 for a problem the user can fix, 130 on Ctrl-C, 141 when
     the reader of the output has gone, as with ``| head``)."""
@@ -272,13 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         config_class, handler = args.command
         config = config_from_args(config_class, args)
+        if getattr(config, "num_processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            return launch_processes(config.num_processes, sys.argv[1:] if argv is None else argv)
         out = getattr(config, "out", None)
         new_out = Path(out) if out is not None and not Path(out).exists() else None
         handler(config)
     except CustomDiffError as error:
         print(f"customdiff: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         if new_out is not None and new_out.is_dir() and not any(new_out.iterdir()):
-            new_out.rmdir()  # a refused command leaves no empty output folder behind
+            with contextlib.suppress(OSError):  # another process of a launch may have removed it
+                new_out.rmdir()  # a refused command leaves no empty output folder behind
         return 2
     except KeyboardInterrupt:
         return 130

@@ -477,6 +477,11 @@ class FinetuneConfig:
     gradient_checkpointing: bool = option(
         False, "recompute UNet activations in the backward pass to save memory"
     )
+    num_processes: int = option(
+        1,
+        "processes to train in, each with its own batch, gradients averaged: one per GPU, or CPU processes "
+        "without one (customdiff starts them; under accelerate launch or torchrun the launch's count holds)",
+    )
     cache_dir: Path | None = option(
         None, "where generated regularization images are kept (default: ~/.cache/customdiff)"
     )
@@ -543,6 +548,8 @@ class FinetuneConfig:
             raise CustomDiffError(
                 "--composed-views pairs targets with regularization images: drop --reg none"
             )
+        if self.num_processes < 1:
+            raise CustomDiffError(f"--num-processes {self.num_processes}: pass 1 or more")
         if self.save_every < 0:
             raise CustomDiffError(f"--save-every {self.save_every}: pass a number of steps, or 0 for none")
         if self.preview_prompts and not self.preview_every:

@@ -40,7 +40,8 @@ LOG_EVERY = 10
 # what a resumed run may change: how long, how often it saves, where it writes, and where a checkpoint
 # file's configs come from (the weights stay those of --model)
 RESUME_MAY_CHANGE = (
-    "steps", "checkpoint_every", "save_every", "preview_every", "preview_prompts", "out", "model_config"
+    "steps", "checkpoint_every", "save_every", "preview_every", "preview_prompts", "out", "model_config",
+    "num_processes",
 )  # fmt: skip
 
 
@@ -482,17 +483,25 @@ def prepare_data(
     return captions, targets, regs
 
 
-def prepare_modules(accelerator: Accelerator, modules: list, optimizer) -> tuple[list, object]:
-    """Hand the modules that hold trainable parameters and the optimizer to accelerate (devices, DDP).
+def prepare_unet(accelerator: Accelerator, unet, optimizer) -> tuple[object, object]:
+    """Hand the UNet, if it trains, and the optimizer to accelerate (device, DDP); returns both to step with.
 
-    Returns:
-        (the modules to run the step with, in order; the optimizer); a module with nothing to train stays
-        as is.
+    The text encoders stay as they are: only their new token rows train, whose gradients
+    ``average_token_gradients`` averages. DDP would sync a whole encoder for those rows, and it hangs when
+    processes run the encoder a different number of times a step (regional views encode region blocks only
+    for a batch holding a two-object caption).
     """
-    trained = [m for m in modules if any(p.requires_grad for p in m.parameters())]
-    *prepared, optimizer = accelerator.prepare(*trained, optimizer)
-    wrapped = dict(zip(map(id, trained), prepared, strict=True))
-    return [wrapped.get(id(module), module) for module in modules], optimizer
+    if not any(p.requires_grad for p in unet.parameters()):
+        return unet, accelerator.prepare(optimizer)
+    return accelerator.prepare(unet, optimizer)
+
+
+def average_token_gradients(accelerator: Accelerator, parameters: dict[str, torch.nn.Parameter]) -> None:
+    """Average the token rows' gradients over the processes, as DDP averages the UNet's."""
+    for name, parameter in parameters.items():
+        if _is_token_row(name):
+            gradient = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            parameter.grad = accelerator.reduce(gradient, reduction="mean")
 
 
 @contextmanager
@@ -545,10 +554,10 @@ def write_concept(folder: Path, result: concept.Concept, unet) -> None:
     export.write_diffusers(folder, result, unet)
 
 
-def make_optimizer(parameters: dict, config: FinetuneConfig, num_processes: int) -> torch.optim.AdamW:
+def make_optimizer(parameters: dict, config: FinetuneConfig) -> torch.optim.AdamW:
     """AdamW over the trained tensors alone: the K/V (or UNet) weights at ``--lr``, the token rows at
     ``--token-lr``, each times the images a step across processes with ``--scale-lr`` (as the paper)."""
-    scale = config.batch_size * num_processes if config.scale_lr else 1
+    scale = config.batch_size * config.num_processes if config.scale_lr else 1
     groups = [
         {"params": [p for name, p in parameters.items() if _is_token_row(name) == token], "lr": lr * scale}
         for token, lr in ((False, config.lr), (True, config.token_lr))
@@ -574,6 +583,7 @@ def train(
     out = files.prepare_output_dir(config.out)
     pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    config = dataclasses.replace(config, num_processes=accelerator.num_processes)  # as run, however launched
     set_seed(config.seed)
     pipe.to(accelerator.device)
     base_hash = models.model_hash(pipe)
@@ -609,12 +619,9 @@ def train(
         stack.enter_context(start_detached(unet, reads, base))
         for parameter in parameters.values():
             parameter.requires_grad_(True)
-        optimizer = make_optimizer(parameters, config, accelerator.num_processes)
+        optimizer = make_optimizer(parameters, config)
         step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
-        (unet_step, *models_step), optimizer = prepare_modules(
-            accelerator, [unet, *encoder_models], optimizer
-        )
-        encoders_step = [dataclasses.replace(e, model=m) for e, m in zip(encoders, models_step, strict=True)]
+        unet_step, optimizer = prepare_unet(accelerator, unet, optimizer)
         first_new_ids = [embedding.first for embedding in embeddings]
         bar = tqdm(
             total=config.steps,
@@ -653,13 +660,11 @@ def train(
                 targets, regs, config.batch_size, generator, config.prior_loss_weight
             )
             with accelerator.autocast():
-                states, pooled = data.encode_captions(
-                    encoders_step, batch_captions, first_new_ids, text_cache
-                )
+                states, pooled = data.encode_captions(encoders, batch_captions, first_new_ids, text_cache)
                 regional = None
                 if config.regional_views:
                     states, regional = regional_states(
-                        encoders_step, batch_captions, states, first_new_ids, text_cache, tokens
+                        encoders, batch_captions, states, first_new_ids, text_cache, tokens
                     )
 
                 def at_timesteps(timesteps: torch.Tensor, regional=regional) -> None:
@@ -671,6 +676,8 @@ def train(
                     unet_step, scheduler, latents, masks, states, added, generator, at_timesteps
                 )
             accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                average_token_gradients(accelerator, parameters)
             accelerator.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
