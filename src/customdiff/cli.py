@@ -284,6 +284,9 @@ def launch_processes(count: int, argv: list[str]) -> int:
     group |= {"LOCAL_WORLD_SIZE": str(count), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
     if not torch.cuda.is_available():
         group["ACCELERATE_USE_CPU"] = "true"  # accelerate's gloo group of CPU processes
+    elif count > torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
+        raise CustomDiffError(f"--num-processes {count}: this machine has {gpus} GPUs; pass at most {gpus}")
     command = [sys.executable, "-m", "customdiff", *argv]
     with contextlib.ExitStack() as stack:
         logs = [None] + [stack.enter_context(tempfile.TemporaryFile()) for _ in range(count - 1)]
