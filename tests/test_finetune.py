@@ -362,6 +362,18 @@ def test_two_cpu_processes_train_one_concept(model, mode, request, concept_dir, 
     assert all(not torch.allclose(two.deltas[name], one.deltas[name]) for name in one.deltas)
 
 
+def test_more_processes_than_gpus_is_one_line(concept_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    train = ["train", "--images", str(concept_dir), "--class-word", "star", "--num-processes", "2"]
+    assert cli.main([*train, "-o", str(tmp_path / "out")]) == 2
+    assert (
+        capsys.readouterr().err
+        == "customdiff: error: --num-processes 2: this machine has 1 GPUs; pass at most 1\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_launch_of_two_processes_fails_with_one_line_and_no_hang(tiny_pipeline_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     train = ["train", "--images", tmp_path / "empty", "--class-word", "star", "--model", tiny_pipeline_dir]
