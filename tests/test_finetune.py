@@ -2,8 +2,10 @@
 
 import dataclasses
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -360,6 +362,23 @@ def test_two_cpu_processes_train_one_concept(model, mode, request, concept_dir, 
     # the first process draws the batches of a one-process run: only the other's gradients tell them apart
     assert not torch.allclose(two.token_embeddings, one.token_embeddings)
     assert all(not torch.allclose(two.deltas[name], one.deltas[name]) for name in one.deltas)
+
+
+def test_stopping_a_launch_stops_its_processes(tiny_pipeline_dir, concept_dir, tmp_path):
+    train = ["train", "--images", concept_dir, "--class-word", "star", "--model", tiny_pipeline_dir, "--reg"]
+    train += ["none", "--steps", "100000", "--num-processes", "2", "-o", tmp_path / "out"]
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "customdiff", *map(str, train)], stderr=subprocess.DEVNULL
+    )
+    log = tmp_path / "out" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    launch.terminate()
+    assert launch.wait(timeout=30) == 128 + signal.SIGTERM
+    size = log.stat().st_size
+    time.sleep(3)
+    assert log.stat().st_size == size  # no process left training
 
 
 def test_more_processes_than_gpus_is_one_line(concept_dir, tmp_path, monkeypatch, capsys):

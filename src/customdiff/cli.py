@@ -270,6 +270,7 @@ def launch_processes(count: int, argv: list[str]) -> int:
     CPU processes in no group. Only the first process writes to the terminal (progress, errors); the others'
     output is shown only when one of them alone fails.
     """
+    import signal
     import socket
     import subprocess
     import tempfile
@@ -288,6 +289,7 @@ def launch_processes(count: int, argv: list[str]) -> int:
         gpus = torch.cuda.device_count()
         raise CustomDiffError(f"--num-processes {count}: this machine has {gpus} GPUs; pass at most {gpus}")
     command = [sys.executable, "-m", "customdiff", *argv]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # stop the processes too
     with contextlib.ExitStack() as stack:
         logs = [None] + [stack.enter_context(tempfile.TemporaryFile()) for _ in range(count - 1)]
         processes = [
