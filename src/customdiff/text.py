@@ -57,18 +57,14 @@ def encode(encoders: list[TextEncoder], ids: list[torch.Tensor]) -> tuple[torch.
     penultimate ones side by side, and the pooled output of the one with a projection (the second).
     """
     if len(encoders) == 1:
-        output = encoders[0].model(ids[0].to(_device(encoders[0])))
+        output = encoders[0].model(ids[0].to(encoders[0].model.device))
         return output[0], output[1]
     states, pooled = [], None
     for encoder, encoder_ids in zip(encoders, ids, strict=True):
-        output = encoder.model(encoder_ids.to(_device(encoder)), output_hidden_states=True)
+        output = encoder.model(encoder_ids.to(encoder.model.device), output_hidden_states=True)
         states.append(output.hidden_states[-2])
         pooled = output[0] if output[0].ndim == 2 else pooled
     return torch.cat(states, dim=-1), pooled
-
-
-def _device(encoder: TextEncoder) -> torch.device:
-    return next(encoder.model.parameters()).device  # also for a model wrapped by accelerate (DDP)
 
 
 def added_conditions(unet_config, pooled: torch.Tensor, size: int) -> dict | None:
