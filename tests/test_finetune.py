@@ -630,6 +630,27 @@ def test_preview_prompts_are_checked_first_and_drawn_labelled(
         config_for(concept_dir, tmp_path, preview_prompts=prompts)
 
 
+def test_save_every_with_refit_keeps_each_step_refit_and_trains_on_unrefit(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    """A snapshot of a refit run is refit as a run of that many steps ends, and training goes on from the
+    weights as trained: its end equals a refit run without snapshots."""
+    for name, settings in (("kept", {"steps": 4, "save_every": 2}), ("short", {}), ("long", {"steps": 4})):
+        finetune.train(
+            config_for(concept_dir, tmp_path / name, refit_weight=1.0, **settings),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+    pairs = ((tmp_path / "kept" / "step-2", tmp_path / "short"), (tmp_path / "kept", tmp_path / "long"))
+    for kept, alone in pairs:
+        a, b = concept.load_concept(kept), concept.load_concept(alone)
+        assert a.deltas.keys() == b.deltas.keys()
+        assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+        attn = export.DIFFUSERS_ATTN_FILE
+        assert (kept / attn).read_bytes() == (alone / attn).read_bytes()
+    two, four = (concept.load_concept(folder) for folder, _ in pairs)
+    assert not any(torch.equal(two.deltas[k], four.deltas[k]) for k in two.deltas)
+
+
 def test_refit_weight_refits_the_trained_deltas_as_a_merge_of_the_concept_alone(
     tiny_pipeline_dir, concept_dir, tmp_path
 ):

@@ -516,22 +516,38 @@ def gradient_checkpointing(unet, enabled: bool) -> Iterator[None]:
             unet.disable_gradient_checkpointing()
 
 
-def refit(
-    pipe, result: concept.Concept, parameters: dict, base: dict, config: FinetuneConfig
-) -> tuple[concept.Concept, dict[str, float]]:
+def refit(pipe, result: concept.Concept, config: FinetuneConfig) -> tuple[concept.Concept, dict[str, float]]:
     """The trained concept with its K/V deltas refit in closed form (``merge.refit_deltas``), and the
-    refit's log record; the UNet's weights are set to match. ``pipe`` still holds the new tokens."""
+    refit's log record. ``pipe`` still holds the new tokens."""
     captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS, config.seed)
     deltas, report = merge.refit_deltas(pipe, result, captions, config.refit_weight)
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            parameters[name].copy_(base[name] + delta.to(base[name]))
     record = {
         "refit_output_error": report.residual,  # relative, on the concept's captions and contexts
         "refit_change_on_captions": report.objective,
         "trained_change_on_captions": report.naive_objective,
     }
     return dataclasses.replace(result, deltas=deltas), record
+
+
+def set_unet_deltas(parameters: dict, base: dict, deltas: dict[str, torch.Tensor]) -> None:
+    """Set the trained UNet tensors to ``base + deltas`` (a refit's), so that the UNet holds the concept."""
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            parameters[name].copy_(base[name] + delta.to(base[name]))
+
+
+@contextmanager
+def unet_holding(parameters: dict, base: dict, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``set_unet_deltas`` while the block runs, the trained tensors restored after: a refit snapshot's
+    diffusers file reads the UNet mid-run."""
+    trained = {name: parameters[name].detach().clone() for name in deltas}
+    set_unet_deltas(parameters, base, deltas)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in trained.items():
+                parameters[name].copy_(value)
 
 
 def check_prompts(tokenizer, config: FinetuneConfig) -> None:
@@ -651,6 +667,16 @@ def train(
                 config={**settings, "steps": steps_done},
             )
 
+        def write_snapshot(steps_done: int) -> None:
+            """``OUT/step-N``: the concept as a run of ``steps_done`` steps ends, refit too when asked."""
+            snapshot = trained(steps_done)
+            if not config.refit_weight:
+                write_concept(out / f"step-{steps_done}", snapshot, unet)
+                return
+            snapshot, _ = refit(pipe, snapshot, config)
+            with unet_holding(parameters, base, snapshot.deltas):
+                write_concept(out / f"step-{steps_done}", snapshot, unet)
+
         losses, started = [], time.perf_counter()  # seconds in the log count the loop alone
         while step < config.steps:
             # batches, noise and timesteps from (seed, process, step): a resumed run draws what an
@@ -696,13 +722,14 @@ def train(
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
-                write_concept(out / f"step-{step}", trained(step), unet)
+                write_snapshot(step)
             if config.preview_every and step % config.preview_every == 0:
                 preview(step, pipe)
         bar.close()
         result = trained(config.steps)
         if config.refit_weight:
-            result, record = refit(pipe, result, parameters, base, config)
+            result, record = refit(pipe, result, config)
+            set_unet_deltas(parameters, base, result.deltas)
             if accelerator.is_main_process:
                 append_log(out / "log.jsonl", record)
     for module in [unet, *encoder_models]:
