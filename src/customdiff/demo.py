@@ -2,9 +2,9 @@
 
 It shows the two kinds of data the method works with: captioned scenes (the base model's world, the
 paper's web images) and built-in concepts (the paper's user photos of one particular object); then the
-base model's samples, two concepts trained (the toy model's defaults, shortened) beside the base on the
-paper's prompt kinds (new contexts, composition with a world object, the class prompt for forgetting), and the
-two merged in closed form on prompts naming both.
+base model's samples, two concepts trained (a short run, refit instead of regularization images) beside
+the base on the paper's prompt kinds (new contexts, composition with a world object, the class prompt for
+forgetting), and the two merged in closed form on prompts naming both.
 """
 
 from pathlib import Path
@@ -19,8 +19,7 @@ SCENE_COLUMNS = 4
 ZOOM = 3  # 64 px tiles are too small to read beside a caption
 NEXT_STEP = "next: teach your own concept with customdiff train --images DIR --class-word WORD (see -h)"
 DEMO_CONCEPTS = ("starfish", "donut")  # taught as <new1> star and <new2> ring
-DEMO_STEPS = 1000  # 250 drew neither concept; 1000 draws their colours in 4–5 min; 1200 took over 5 (README)
-DEMO_REG_IMAGES = 32  # per concept (the default is 200): two concepts must train in a few minutes
+DEMO_STEPS = 1000  # two concepts in a few minutes; with regularization images 1000 drew neither (README)
 BASE_PROMPTS = (
     "a small red circle on a gray background",
     "a large blue star on a white background",
@@ -115,8 +114,8 @@ def _base_prompts(prompts: list[str], tokens: list[str]) -> list[str]:
 
 
 def concept_samples(out: Path, seed: int) -> list[tuple[Path, str]]:
-    """Train the demo concepts separately (``crossattn_kv``, generated regularization), grid each beside
-    the base model, then merge them in closed form and grid prompts naming both."""
+    """Train the demo concepts separately (``crossattn_kv``, no regularization images, refit), grid each
+    beside the base model, then merge them in closed form and grid prompts naming both."""
     from customdiff import merge, models
 
     written, trained = [], []
@@ -144,7 +143,7 @@ def _teach(out: Path, name: str, token: str, seed: int) -> tuple:
     pipe = models.load_pipeline()
     base = generate.sample(pipe, base_prompts, n=2, seed=seed, progress=False)
     config = FinetuneConfig(
-        images, concept.shape, out=out / name, token=token, steps=DEMO_STEPS, num_reg=DEMO_REG_IMAGES,
+        images, concept.shape, out=out / name, token=token, steps=DEMO_STEPS, reg="none", refit_weight=1.0,
         seed=seed,
     )  # fmt: skip
     trained = load_concept(finetune.train(config))
