@@ -633,12 +633,16 @@ def test_preview_prompts_are_checked_first_and_drawn_labelled(
 def test_save_every_with_refit_keeps_each_step_refit_and_trains_on_unrefit(
     tiny_pipeline_dir, concept_dir, tmp_path
 ):
-    """A snapshot of a refit run is refit as a run of that many steps ends, and training goes on from the
-    weights as trained: its end equals a refit run without snapshots."""
-    for name, settings in (("kept", {"steps": 4, "save_every": 2}), ("short", {}), ("long", {"steps": 4})):
+    """A snapshot of a refit run, and a preview, is refit as a run of that many steps ends, and training
+    goes on from the weights as trained: its end equals a refit run without snapshots."""
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    base, drawn = models.load_pipeline(tiny_pipeline_dir).unet.get_parameter(key).detach(), {}
+    settings = {"kept": {"steps": 4, "save_every": 2, "preview_every": 2}, "short": {}, "long": {"steps": 4}}
+    for name, changes in settings.items():
         finetune.train(
-            config_for(concept_dir, tmp_path / name, refit_weight=1.0, **settings),
+            config_for(concept_dir, tmp_path / name, refit_weight=1.0, **changes),
             models.load_pipeline(tiny_pipeline_dir),
+            preview=lambda step, pipe: drawn.setdefault(step, pipe.unet.get_parameter(key).detach().clone()),
         )
     pairs = ((tmp_path / "kept" / "step-2", tmp_path / "short"), (tmp_path / "kept", tmp_path / "long"))
     for kept, alone in pairs:
@@ -649,6 +653,8 @@ def test_save_every_with_refit_keeps_each_step_refit_and_trains_on_unrefit(
         assert (kept / attn).read_bytes() == (alone / attn).read_bytes()
     two, four = (concept.load_concept(folder) for folder, _ in pairs)
     assert not any(torch.equal(two.deltas[k], four.deltas[k]) for k in two.deltas)
+    for step, held in ((2, two), (4, four)):
+        torch.testing.assert_close(drawn[step], base + held.deltas[f"unet.{key}"])
 
 
 def test_refit_weight_refits_the_trained_deltas_as_a_merge_of_the_concept_alone(

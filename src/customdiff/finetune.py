@@ -591,8 +591,9 @@ def train(
     Args:
         pipe: the base pipeline (default: ``models.load_pipeline(config.model, …)``); it is fine-tuned in
             place and holds the concept afterwards.
-        preview: called as ``preview(step, pipe)`` every ``config.preview_every`` steps (default: a grid
-            of three target captions and a class prompt in OUT/previews).
+        preview: called as ``preview(step, pipe)`` every ``config.preview_every`` steps, the pipe holding
+            the concept as a run of that many steps ends, refit too (default: a grid of three target
+            captions and a class prompt in OUT/previews).
     Returns:
         the path of the written ``concept.safetensors``.
     """
@@ -667,15 +668,17 @@ def train(
                 config={**settings, "steps": steps_done},
             )
 
-        def write_snapshot(steps_done: int) -> None:
-            """``OUT/step-N``: the concept as a run of ``steps_done`` steps ends, refit too when asked."""
-            snapshot = trained(steps_done)
+        @contextmanager
+        def as_ended(steps_done: int) -> Iterator[concept.Concept]:
+            """The concept as a run of ``steps_done`` steps ends, refit too when asked, the UNet holding it
+            meanwhile: what a snapshot saves and a preview draws."""
+            result = trained(steps_done)
             if not config.refit_weight:
-                write_concept(out / f"step-{steps_done}", snapshot, unet)
+                yield result
                 return
-            snapshot, _ = refit(pipe, snapshot, config)
-            with unet_holding(parameters, base, snapshot.deltas):
-                write_concept(out / f"step-{steps_done}", snapshot, unet)
+            result, _ = refit(pipe, result, config)
+            with unet_holding(parameters, base, result.deltas):
+                yield result
 
         losses, started = [], time.perf_counter()  # seconds in the log count the loop alone
         while step < config.steps:
@@ -722,9 +725,11 @@ def train(
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
-                write_snapshot(step)
+                with as_ended(step) as snapshot:
+                    write_concept(out / f"step-{step}", snapshot, unet)
             if config.preview_every and step % config.preview_every == 0:
-                preview(step, pipe)
+                with as_ended(step):
+                    preview(step, pipe)
         bar.close()
         result = trained(config.steps)
         if config.refit_weight:
