@@ -104,6 +104,34 @@ def test_bad_prompt_word_is_named(run_cli, tmp_path):
     assert_one_line_error(code, err, '"dog"', "circle, square, triangle, star, ring, cross")
 
 
+def test_concept_scale_0_draws_as_the_base_model_where_no_token_is_named(
+    run_cli, tiny_pipeline_dir, make_concept, tmp_path
+):
+    from customdiff import models
+    from customdiff.concept import save_concept
+
+    save_concept(tmp_path / "concept", make_concept(models.load_pipeline(tiny_pipeline_dir), scale=1.0))
+    args = ("a red star on a gray background", "--n", 1, "--steps", 2, "--model", tiny_pipeline_dir)
+    runs = {"base": (), "applied": ("--concept", tmp_path / "concept")}
+    runs["off"] = (*runs["applied"], "--concept-scale", "0")
+    for name, extra in runs.items():
+        code, _, err = run_cli("generate", *args, *extra, "--no-regions", "-o", tmp_path / name)
+        assert code == 0, err
+    base, applied, off = (np.asarray(Image.open(tmp_path / name / "00000.png")) for name in runs)
+    assert np.array_equal(off, base) and not np.array_equal(applied, base)
+    assert json.loads((tmp_path / "off" / config.CONFIG_FILE_NAME).read_text())["concept_scale"] == 0
+
+
+def test_concept_scale_needs_a_concept_and_a_number(run_cli, tmp_path):
+    prompt = "a red star on a gray background"
+    for args, part in (
+        (("--concept-scale", "0.5"), "pass it with --concept"),
+        (("--concept", tmp_path, "--concept-scale", "nan"), "--concept-scale nan"),
+    ):
+        code, _, err = run_cli("generate", prompt, *args, "-o", tmp_path / "out")
+        assert_one_line_error(code, err, part)
+
+
 def test_a_refused_command_leaves_no_new_empty_output_folder(run_cli, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()

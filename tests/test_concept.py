@@ -1,5 +1,7 @@
 """The concept file: exact round trip, applying equals fine-tuning, and diffusers' own loaders agree."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor
@@ -102,6 +104,23 @@ def test_remove_concept_restores_the_base(trained, tiny_pipeline_dir, unet_outpu
     assert torch.equal(unet_output(pipe, prompt), before)
     assert all(torch.equal(weight, weights[name]) for name, weight in pipe.unet.named_parameters())
     concept.apply_concept(pipe, trained["crossattn_kv"][1])  # the base hash matches again
+
+
+def test_apply_concept_scales_the_deltas_and_removes_them_exactly(tiny_pipeline_dir, make_concept):
+    base = models.load_pipeline(tiny_pipeline_dir)
+    originals = {key: p.detach().clone() for key, p in base.unet.named_parameters()}
+    made = make_concept(base, scale=1.0)
+    halved = dataclasses.replace(made, deltas={name: 0.5 * delta for name, delta in made.deltas.items()})
+    pipes = {scale: models.load_pipeline(tiny_pipeline_dir) for scale in (0.5, 0.0, "halved")}
+    scaled = concept.apply_concept(pipes[0.5], made, 0.5)
+    concept.apply_concept(pipes[0.0], made, 0.0)
+    concept.apply_concept(pipes["halved"], halved)
+    for key, weight in pipes[0.5].unet.named_parameters():
+        assert torch.equal(weight, pipes["halved"].unet.get_parameter(key))
+        assert torch.equal(pipes[0.0].unet.get_parameter(key), originals[key])
+    assert any(not torch.equal(weight, originals[key]) for key, weight in pipes[0.5].unet.named_parameters())
+    concept.remove_concept(pipes[0.5], scaled)
+    assert all(torch.equal(weight, originals[key]) for key, weight in pipes[0.5].unet.named_parameters())
 
 
 def test_apply_concept_refuses_another_base(trained, tiny_pipeline_dir):

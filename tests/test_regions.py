@@ -1,5 +1,6 @@
 """Regional prompts: how prompts split into columns, the column attention, and sampling with them."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -149,6 +150,34 @@ def test_a_merged_concepts_part_draws_the_prompts_and_blocks_naming_only_its_tok
     assert np.array_equal(own, alone[0]) and np.array_equal(own_whole, alone[1])
     assert not np.array_equal(both, unparted[0])
     assert np.array_equal(both_whole, unparted[1]) and np.array_equal(neither, unparted[2])
+
+
+def test_a_scaled_merged_concept_draws_its_parts_at_that_scale(tiny_pipeline_dir, make_concept):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    parts = [make_concept(pipe, token, seed, scale=1.0) for seed, token in enumerate(("<new1>", "<new2>"))]
+    merged, _ = merge.merge_concepts(pipe, parts, merge.regularization_captions(pipe.tokenizer, 50))
+
+    def halved(deltas: dict) -> dict:
+        return {name: 0.5 * delta for name, delta in deltas.items()}
+
+    halved_merge = dataclasses.replace(
+        merged,
+        deltas=halved(merged.deltas),
+        parts=tuple(dataclasses.replace(part, deltas=halved(part.deltas)) for part in merged.parts),
+    )
+    prompts = [
+        "a <new1> star and a red ring BREAK a <new1> star BREAK a red ring",  # a part's weights
+        "a <new1> star and a <new2> ring BREAK a <new1> star BREAK a <new2> ring",  # each part's
+        "a photo of a <new1> star and a <new2> ring",  # the merged weights
+    ]
+    kwargs = {"n": 1, "steps": 3, "progress": False, "regions": True}
+    drawn = []
+    for concept, scale in ((merged, 0.5), (halved_merge, 1.0), (merged, 1.0)):
+        pipe = models.load_pipeline(tiny_pipeline_dir)
+        drawn.append(generate.sample(pipe, prompts, concept=apply_concept(pipe, concept, scale), **kwargs))
+    scaled, as_halved, whole = drawn
+    assert all(np.array_equal(a, b) for a, b in zip(scaled, as_halved, strict=True))
+    assert not any(np.array_equal(a, b) for a, b in zip(scaled, whole, strict=True))
 
 
 @pytest.mark.parametrize("model", ["tiny_pipeline_dir", "tiny_sdxl_dir"])

@@ -111,7 +111,7 @@ def generate(config: GenerateConfig) -> None:
     if config.concept:
         from customdiff.concept import apply_concept
 
-        applied = apply_concept(pipe, _concept_to_apply(pipe, config))
+        applied = apply_concept(pipe, _concept_to_apply(pipe, config), config.concept_scale)
     images = sampling.sample(
         pipe, prompts, config.n, config.steps, config.guidance, config.seed, config.batch_size,
         negative_prompts=[config.negative_prompt] * len(prompts), regions=config.regions, concept=applied,

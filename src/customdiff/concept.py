@@ -233,21 +233,26 @@ def _values_stored(deltas: dict[str, torch.Tensor], factors: dict[str, tuple[tor
 
 @dataclass(frozen=True)
 class AppliedConcept:
-    """A concept as ``apply_concept`` put it on a pipeline, with the UNet weights it replaced."""
+    """A concept as ``apply_concept`` put it on a pipeline, with the UNet weights it replaced and the scale
+    of its deltas."""
 
     concept: Concept
     originals: dict[str, torch.Tensor]
+    scale: float = 1.0
 
 
-def apply_concept(pipe, concept: Concept | Path | str) -> AppliedConcept:
+def apply_concept(pipe, concept: Concept | Path | str, scale: float = 1.0) -> AppliedConcept:
     """Add a concept to a diffusers Stable Diffusion pipeline, in place.
 
     The modifier tokens go into the tokenizers and their rows into the text encoders (through diffusers'
-    ``load_textual_inversion``, as its own file would), and each delta is added to its UNet weight. The
-    replaced weights are kept (for ``crossattn_kv`` ~3% of the UNet) so that ``remove_concept`` is exact.
+    ``load_textual_inversion``, as its own file would), and each delta, times ``scale``, is added to its
+    UNet weight. The replaced weights are kept (for ``crossattn_kv`` ~3% of the UNet) so that
+    ``remove_concept`` is exact.
 
     Args:
         concept: a Concept, a concept file, or a folder holding ``concept.safetensors``.
+        scale: the deltas' strength, as a LoRA's weight in AUTOMATIC1111 or ComfyUI (1: as trained); the
+            token rows stay as trained.
     Raises:
         CustomDiffError: the pipeline is not the base the concept was trained on, or already has one of
             its tokens.
@@ -268,8 +273,8 @@ def apply_concept(pipe, concept: Concept | Path | str) -> AppliedConcept:
         for name, delta in concept.deltas.items():
             parameter = pipe.unet.get_parameter(name.removeprefix("unet."))
             originals[name] = parameter.detach().clone()
-            parameter.copy_(plus_delta(parameter, delta))
-    return AppliedConcept(concept, originals)
+            parameter.copy_(plus_delta(parameter, delta * scale))
+    return AppliedConcept(concept, originals, scale)
 
 
 def plus_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ To add a command: write its dataclass here (positional fields first), then a han
 import argparse
 import dataclasses
 import json
+import math
 import re
 import tomllib
 import types
@@ -316,6 +317,11 @@ class GenerateConfig:
     rename_tokens: bool = option(
         False, "with several --concept: give a token an earlier one already uses the first free <newN>"
     )
+    concept_scale: float = option(
+        1.0,
+        "strength of the concepts' UNet deltas, as a LoRA's weight in AUTOMATIC1111 or ComfyUI (1: as "
+        "trained; the token rows stay as trained)",
+    )
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     regions: bool | None = option(None, REGIONS_HELP)
     region_ratios: str | None = option(None, REGION_RATIOS_HELP)
@@ -330,6 +336,10 @@ class GenerateConfig:
             raise CustomDiffError("give PROMPTs or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
             raise CustomDiffError("--n and --steps take positive numbers")
+        if not math.isfinite(self.concept_scale):
+            raise CustomDiffError(f"--concept-scale {self.concept_scale}: pass a number, e.g. 0.8")
+        if self.concept_scale != 1 and not self.concept:
+            raise CustomDiffError("--concept-scale scales a concept: pass it with --concept")
 
 
 @dataclass(frozen=True)

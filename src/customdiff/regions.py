@@ -218,13 +218,15 @@ def _weight_choice(tokenizer, block: str, concept: Concept) -> int:
 
 def _weight_set(unet, applied: AppliedConcept, choice: int, prefix: str = "unet.") -> dict[str, torch.Tensor]:
     """The weights under ``prefix`` that the concept replaced, as ``choice`` reads them (0: as in the base
-    model, 1 + i: with part i's deltas), named relative to ``prefix``."""
+    model, 1 + i: with part i's deltas at the applied scale), named relative to ``prefix``."""
     deltas = applied.concept.parts[choice - 1].deltas if choice else {}
     weights = {}
     for name, original in applied.originals.items():
         if name.startswith(prefix):
             base = original.to(unet.get_parameter(name.removeprefix("unet.")))
-            weights[name.removeprefix(prefix)] = plus_delta(base, deltas[name]) if name in deltas else base
+            if name in deltas:
+                base = plus_delta(base, deltas[name] * applied.scale)
+            weights[name.removeprefix(prefix)] = base
     return weights
 
 
