@@ -9,6 +9,7 @@ import torch
 
 from customdiff import concept, evaluate, files, finetune, models, toyjudge, toyworld
 from customdiff.config import EvalConfig, FinetuneConfig
+from customdiff.errors import CustomDiffError
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
@@ -71,6 +72,22 @@ def test_eval_draws_two_object_prompts_in_the_regions_ratios_ask(
         assert np.array_equal(np.asarray(image), np.asarray(other)) != split, caption
     code, _, err = run_cli("eval", concept_run, *args, "--region-ratios", "1,1,1", "-o", tmp_path / "x")
     assert code == 2 and "gives 3 regions" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_concept_scale_0_draws_class_prompts_as_the_base_model(
+    run_cli, tiny_pipeline_dir, concept_run, tmp_path
+):
+    args = ("--model", tiny_pipeline_dir, "--n", 2, "--steps", 2, "--concept-scale", "0")
+    code, _, err = run_cli("eval", concept_run, *args, "-o", tmp_path)
+    assert code == 0, err
+    base = files.read_image_folder(tmp_path / "samples" / "base")
+    tuned_class = files.read_image_folder(tmp_path / "samples" / "finetuned")[-len(base) :]  # after concept's
+    assert len(base) == 8 and [caption for *_, caption in tuned_class] == [caption for *_, caption in base]
+    assert all(
+        np.array_equal(np.asarray(a[1]), np.asarray(b[1])) for a, b in zip(base, tuned_class, strict=True)
+    )
+    with pytest.raises(CustomDiffError, match="--concept-scale inf"):
+        EvalConfig(concept_run, concept_scale=float("inf"))
 
 
 def test_eval_bad_input_is_one_line(run_cli, tiny_pipeline_dir, concept_run, tmp_path):

@@ -46,6 +46,10 @@ REGION_RATIOS_HELP = (
     'with --regions: each region\'s share of the image, "1,2" for columns (left to right) or "1;2" for rows '
     "(top to bottom), as the Regional Prompter's divide ratio (default: equal columns)"
 )
+CONCEPT_SCALE_HELP = (
+    "strength of the concepts' UNet deltas, as a LoRA's weight in AUTOMATIC1111 or ComfyUI (1: as trained; "
+    "the token rows stay as trained)"
+)
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
 
@@ -317,11 +321,7 @@ class GenerateConfig:
     rename_tokens: bool = option(
         False, "with several --concept: give a token an earlier one already uses the first free <newN>"
     )
-    concept_scale: float = option(
-        1.0,
-        "strength of the concepts' UNet deltas, as a LoRA's weight in AUTOMATIC1111 or ComfyUI (1: as "
-        "trained; the token rows stay as trained)",
-    )
+    concept_scale: float = option(1.0, CONCEPT_SCALE_HELP)
     negative_prompt: str = option("", "what guidance steers away from, for every prompt (default: nothing)")
     regions: bool | None = option(None, REGIONS_HELP)
     region_ratios: str | None = option(None, REGION_RATIOS_HELP)
@@ -336,8 +336,7 @@ class GenerateConfig:
             raise CustomDiffError("give PROMPTs or --prompts FILE (one of them)")
         if self.n < 1 or self.steps < 1:
             raise CustomDiffError("--n and --steps take positive numbers")
-        if not math.isfinite(self.concept_scale):
-            raise CustomDiffError(f"--concept-scale {self.concept_scale}: pass a number, e.g. 0.8")
+        check_concept_scale(self)
         if self.concept_scale != 1 and not self.concept:
             raise CustomDiffError("--concept-scale scales a concept: pass it with --concept")
 
@@ -679,10 +678,12 @@ class EvalConfig:
     seed: int = option(0, "seed of sample 0 of each prompt")
     regions: bool | None = option(None, REGIONS_HELP)
     region_ratios: str | None = option(None, REGION_RATIOS_HELP)
+    concept_scale: float = option(1.0, CONCEPT_SCALE_HELP)
 
     def __post_init__(self) -> None:
         fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})
         check_region_ratios(self)
+        check_concept_scale(self)
         if self.n < 2 or self.steps < 1:
             raise CustomDiffError("--n takes 2 or more (KID compares sets), --steps a positive number")
 
@@ -831,6 +832,12 @@ def fill_from_model(config: Any, fallbacks: dict[str, Any]) -> None:
         if isinstance(value, dict):
             value = value.get(config.mode, fallbacks[name])
         object.__setattr__(config, name, value)
+
+
+def check_concept_scale(config: Any) -> None:
+    """A scale of inf or nan would fill the weights with it and draw black images."""
+    if not math.isfinite(config.concept_scale):
+        raise CustomDiffError(f"--concept-scale {config.concept_scale}: pass a number, e.g. 0.8")
 
 
 def check_region_ratios(config: Any) -> None:

@@ -196,6 +196,7 @@ def evaluate(
     samples_dir: Path | None = None,
     regions: bool | None = None,
     layout: regional.Layout | None = None,
+    scale: float = 1.0,
 ) -> dict[str, float]:
     """Sample base and fine-tuned models on ``prompts`` and compute the paper's metrics (+ the judge's).
 
@@ -206,6 +207,7 @@ def evaluate(
         regions: draw two-object prompts naming a concept by column (default: the model's;
             ``generate.sample``).
         layout: the regions' shares of the image (default: equal columns; ``regions.Layout``).
+        scale: the strength of the concept's deltas (``apply_concept``).
     Returns:
         metric name → value; judge metrics only for toy-world prompts and 64×64 samples.
     """
@@ -213,7 +215,7 @@ def evaluate(
     concept_prompts = [p for p in prompts.concept for _ in range(n)]
     class_prompts = [p for p in prompts.classes for _ in range(n)]
     base = generate.sample(pipe, list(prompts.classes), n, steps, guidance, seed)
-    applied = concepts.apply_concept(pipe, loaded)
+    applied = concepts.apply_concept(pipe, loaded, scale)
     try:
         tuned_concept = generate.sample(
             pipe, list(prompts.concept), n, steps, guidance, seed, regions=regions, concept=applied,
@@ -307,6 +309,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         out / "samples",
         config.regions,
         layout,
+        config.concept_scale,
     )
     write_report(out, Path(config.concept).name, metrics)
     save_config(config, out)
