@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ def test_demo_writes_grids_and_folders(run_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_STEPS", 250)  # what it writes, not how well it learns (README: timing)
     code, out, _ = run_cli("demo", "-o", tmp_path)
     assert code == 0 and demo.NEXT_STEP in out
+    for name, who in (("starfish", "tuned"), ("donut", "tuned"), ("merged", "merged")):  # the judge's count
+        assert re.search(rf"{name}\.png: .*; base \d/8, {who} \d/8 judged right", out), out
     for name in (
         "scenes.png",
         "concepts.png",

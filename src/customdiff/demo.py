@@ -95,15 +95,19 @@ def _verdict(image, prompt: str, signatures: dict | None = None) -> str:
     return "right" if not wrong else "wrong " + ", ".join(wrong)
 
 
-def _judged_grid(path: Path, rows: list[tuple[str, list, list[str]]], signatures: dict) -> None:
-    """A grid of (who, images, prompts) columns side by side, two samples a prompt, each judged."""
-    tiles, labels = [], []
+def _judged_grid(path: Path, rows: list[tuple[str, list, list[str]]], signatures: dict) -> str:
+    """A grid of (who, images, prompts) columns side by side, two samples a prompt, each judged; returns
+    how many of each column's samples the judge read right."""
+    tiles, labels, right = [], [], dict.fromkeys((who for who, *_ in rows), 0)
     for index in range(len(rows[0][1])):
         for who, images, prompts in rows:
             tiles.append(_zoomed(images[index]))
             text = prompts[index // 2]
-            labels.append(f"{who}: {text} | judge: {_verdict(images[index], text, signatures)}")
+            verdict = _verdict(images[index], text, signatures)
+            labels.append(f"{who}: {text} | judge: {verdict}")
+            right[who] += verdict == "right"
     files.save_png(path, files.image_grid(tiles, 2 * len(rows), labels))
+    return ", ".join(f"{who} {count}/{len(rows[0][1])}" for who, count in right.items()) + " judged right"
 
 
 def _base_prompts(prompts: list[str], tokens: list[str]) -> list[str]:
@@ -151,10 +155,10 @@ def _teach(out: Path, name: str, token: str, seed: int) -> tuple:
         pipe, tuned_prompts, n=2, seed=seed, progress=False, concept=apply_concept(pipe, trained)
     )
     grid = (("base", base, base_prompts), ("tuned", tuned, tuned_prompts))
-    _judged_grid(out / f"{name}.png", grid, {token: toyjudge.builtin_signature(name)})
+    judged = _judged_grid(out / f"{name}.png", grid, {token: toyjudge.builtin_signature(name)})
     return trained, [
         (out / name, f"{name} taught as {token} {concept.shape} ({DEMO_STEPS} steps)"),
-        (out / f"{name}.png", "the paper's prompt kinds: base on the class prompt, then fine-tuned"),
+        (out / f"{name}.png", f"the paper's prompt kinds, base on the class prompt then tuned; {judged}"),
     ]
 
 
@@ -177,8 +181,8 @@ def _merged_samples(out: Path, pipe, merged, seed: int) -> list[tuple[Path, str]
     names = zip(tokens, DEMO_CONCEPTS, strict=True)
     signatures = {token: toyjudge.builtin_signature(name) for token, name in names}
     grid = (("base", base, base_prompts), ("merged", tuned, prompts))
-    _judged_grid(out / "merged.png", grid, signatures)
+    judged = _judged_grid(out / "merged.png", grid, signatures)
     return [
         (out / "merged", f"{' and '.join(DEMO_CONCEPTS)} merged in closed form (customdiff merge)"),
-        (out / "merged.png", "prompts naming both concepts: base beside the merged concepts"),
+        (out / "merged.png", f"prompts naming both concepts: base beside the merged concepts; {judged}"),
     ]
