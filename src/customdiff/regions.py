@@ -223,10 +223,10 @@ def _weight_set(unet, applied: AppliedConcept, choice: int, prefix: str = "unet.
     weights = {}
     for name, original in applied.originals.items():
         if name.startswith(prefix):
-            base = original.to(unet.get_parameter(name.removeprefix("unet.")))
+            weight = original.to(unet.get_parameter(name.removeprefix("unet.")))
             if name in deltas:
-                base = plus_delta(base, deltas[name] * applied.scale)
-            weights[name.removeprefix(prefix)] = base
+                weight = plus_delta(weight, deltas[name] * applied.scale)
+            weights[name.removeprefix(prefix)] = weight
     return weights
 
 
