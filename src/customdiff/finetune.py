@@ -668,15 +668,24 @@ def train(
                 config={**settings, "steps": steps_done},
             )
 
+        refits: dict[int, tuple[concept.Concept, dict]] = {}  # the latest step's, for its other users
+
+        def refit_at(steps_done: int) -> tuple[concept.Concept, dict]:
+            """``refit`` of the concept after ``steps_done`` steps, solved once however many ask (a
+            snapshot, a preview and the end can fall on one step)."""
+            if steps_done not in refits:
+                refits.clear()
+                refits[steps_done] = refit(pipe, trained(steps_done), config)
+            return refits[steps_done]
+
         @contextmanager
         def as_ended(steps_done: int) -> Iterator[concept.Concept]:
             """The concept as a run of ``steps_done`` steps ends, refit too when asked, the UNet holding it
             meanwhile: what a snapshot saves and a preview draws."""
-            result = trained(steps_done)
             if not config.refit_weight:
-                yield result
+                yield trained(steps_done)
                 return
-            result, _ = refit(pipe, result, config)
+            result, _ = refit_at(steps_done)
             with unet_holding(parameters, base, result.deltas):
                 yield result
 
@@ -733,7 +742,7 @@ def train(
         bar.close()
         result = trained(config.steps)
         if config.refit_weight:
-            result, record = refit(pipe, result, config)
+            result, record = refit_at(config.steps)
             set_unet_deltas(parameters, base, result.deltas)
             if accelerator.is_main_process:
                 append_log(out / "log.jsonl", record)
