@@ -1,8 +1,9 @@
 """Concept file size against rank (Kumari et al. 2023, §4.3, Fig. 9): SVD-compressed K/V deltas, scored.
 
-Trains one built-in concept, keeps the top singular values of every delta by
-energy share and by fixed rank, and prints for each the file size and the paper's metrics with the toy
-judge's concept-present share, against the full delta, as the paper's 75 → 15 → 5 → 1 MB figure.
+Trains one built-in concept, keeps every delta in low rank by energy share and by fixed rank (fitted to
+its outputs as ``customdiff compress`` does; at 60% energy also the paper's plain SVD), and prints for
+each the file size and the paper's metrics with the toy judge's concept-present share, against the full
+delta, as the paper's 75 → 15 → 5 → 1 MB figure.
 
     python benchmarks/compression.py [--concept starfish] [--steps N] [--n 4]
 """
@@ -14,10 +15,11 @@ import tempfile
 from pathlib import Path
 
 from base_components import add_run_options, run_settings  # benchmarks/, first on the path as a script
-from customdiff import compress, concept, evaluate, files, finetune, models, toyworld
+from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyworld
 from customdiff.config import FinetuneConfig
 
 SETTINGS = (("full", {}), ("energy 0.9", {"energy": 0.9}), ("energy 0.6", {"energy": 0.6}))
+SETTINGS += (("energy 0.6, plain SVD", {"energy": 0.6, "plain": True}),)  # the paper's cut, same ranks
 SETTINGS += tuple((f"rank {r}", {"rank": r}) for r in (8, 4, 2, 1))
 COLUMNS = ("file_mb", "text_alignment", "image_alignment", "judge_new_context_concept_present")
 
@@ -42,8 +44,12 @@ def main() -> None:
         full = concept.load_concept(finetune.train(config, models.load_pipeline()))
         targets = {"<new1>": [image for _, image, _ in files.read_image_folder(images)]}
         prompts = evaluate.toy_prompts(("<new1>",), (built_in.shape,))
+        reg_captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
+        weighting = merge.output_weighting(pipe, full, reg_captions)
         for name, setting in SETTINGS:
-            kept = compress.compress_concept(full, **setting) if setting else full
+            cut = {key: value for key, value in setting.items() if key != "plain"}
+            fitted_to = None if setting.get("plain") else weighting
+            kept = compress.compress_concept(full, **cut, weighting=fitted_to) if cut else full
             path = concept.save_concept(work / name.replace(" ", "-"), kept)
             metrics = evaluate.evaluate(
                 pipe, kept, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed

@@ -3,7 +3,8 @@ merging of two separately trained concepts, and compression's cost, scored by th
 
 Trains ``<new1>`` (default: the starfish, a star) and ``<new2>`` (the donut, a ring) separately, then both
 jointly, merges the separate ones (the default weighted merge and the paper's constrained one), and
-compresses ``<new1>`` to 60% of its singular-value energy. Each is sampled on the paper's prompt kinds and
+compresses ``<new1>`` to 60% of its singular-value energy (fitted to its outputs, as ``customdiff
+compress`` does). Each is sampled on the paper's prompt kinds and
 read by the toy judge. Two-concept prompts are drawn a column a concept, the toy model's default, and
 whole (README, "Regional prompts"). A merge draws a prompt naming one of its concepts with that concept's
 own deltas (its parts); the "merged weights alone" rows drop the parts, as other tools apply a merge.
@@ -70,7 +71,8 @@ def main() -> None:
         # a prompt naming one concept reads its part's own deltas; without parts, the merged weights
         # (what export writes and other tools apply)
         merged_only, constrained_only = (dataclasses.replace(m, parts=()) for m in (merged, constrained))
-        small = compress.compress_concept(separate[0], energy=0.6)
+        fitted_to = merge.output_weighting(pipe, separate[0], captions)  # as customdiff compress fits
+        small = compress.compress_concept(separate[0], energy=0.6, weighting=fitted_to)
         targets = {
             token: [image for _, image, _ in files.read_image_folder(folder)]
             for token, folder in zip(tokens, folders, strict=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from customdiff import compress, concept
+from customdiff import compress, concept, merge, models
 from customdiff.errors import CustomDiffError
 
 
@@ -67,10 +67,50 @@ def test_a_compressed_concept_round_trips_and_shrinks(tmp_path):
 
 def test_compress_cli_and_its_bad_input(run_cli, tmp_path):
     concept.save_concept(tmp_path / "full", a_concept())
-    code, out, err = run_cli("compress", tmp_path / "full", "--rank", 1, "-o", tmp_path / "small")
+    code, out, err = run_cli("compress", tmp_path / "full", "--rank", 1, "--plain", "-o", tmp_path / "small")
     assert code == 0, err
     assert concept.load_concept(tmp_path / "small").factors["unet.a.attn2.to_v.weight"][0].shape == (16, 1)
     code, _, err = run_cli("compress", tmp_path / "full", "-o", tmp_path / "x")
     assert code == 2 and "--rank R or --energy E" in err
+    code, _, err = run_cli("compress", tmp_path / "full", "--rank", 1, "-o", tmp_path / "x")  # base "abc"
+    assert code == 2 and "trained on base abc" in err and "--plain" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_fitted_to_outputs_keeps_the_ranks_and_changes_the_outputs_less(
+    tiny_pipeline_dir, make_concept, run_cli, tmp_path
+):
+    """At the plain cut's ranks, the factors fitted to the weighted outputs miss those outputs by less than
+    the truncated SVD does (the truncated SVD is nearest in the plain norm, so it can only lose there);
+    ``customdiff compress`` fits them by default, ``--plain`` keeps the paper's cut."""
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    captions = ("a <new1> star on a gray background", "a <new1> star on a sky background")
+    full = make_concept(pipe, captions=captions)
+    weighting = merge.output_weighting(
+        pipe, full, merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
+    )
+    assert "<new1>" not in pipe.tokenizer.get_vocab()  # the pipeline is left as it was
+    plain = compress.compress_concept(full, energy=0.6)
+    fitted = compress.compress_concept(full, energy=0.6, weighting=weighting)
+    assert fitted.factors.keys() == plain.factors.keys() == full.deltas.keys()
+    for name, delta in full.deltas.items():
+        assert fitted.factors[name][0].shape == plain.factors[name][0].shape  # the same rank
+        assert fitted.factors[name][0].shape[1] < min(delta.shape)
+        fitted_miss, plain_miss = ((delta - kept.deltas[name]).double() for kept in (fitted, plain))
+        assert (fitted_miss @ weighting * fitted_miss).sum() < (plain_miss @ weighting * plain_miss).sum()
+        assert plain_miss.square().sum() < fitted_miss.square().sum()
+    path = concept.save_concept(tmp_path / "full", full)
+    code, _, err = run_cli(
+        "compress", path, "--energy", 0.6, "--model", tiny_pipeline_dir, "-o", tmp_path / "f"
+    )
+    assert code == 0, err
+    written = concept.load_concept(tmp_path / "f")
+    for name, delta in written.deltas.items():
+        torch.testing.assert_close(delta, fitted.deltas[name], rtol=1e-4, atol=1e-5)
+    code, _, err = run_cli("compress", path, "--energy", 0.6, "--plain", "-o", tmp_path / "p")
+    assert code == 0, err
+    assert all(
+        torch.equal(d, plain.deltas[n]) for n, d in concept.load_concept(tmp_path / "p").deltas.items()
+    )
     with pytest.raises(CustomDiffError, match="--energy"):
         compress.compress_concept(a_concept(), energy=1.5)

@@ -168,7 +168,10 @@ def compress(config: CompressConfig) -> None:
     from customdiff import concept
 
     original = concept.load_concept(config.concept)
-    compressed = compression.compress_concept(original, config.rank, config.energy)
+    weighting = (
+        None if config.plain else compression.output_weighting(original, config.model, config.model_config)
+    )
+    compressed = compression.compress_concept(original, config.rank, config.energy, weighting)
     path = concept.save_concept(config.out, compressed)
     save_config(config, config.out)
     before = concept.concept_file(config.concept).stat().st_size / 2**20

@@ -15,6 +15,7 @@ hash names.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,23 @@ CONCEPT_FILE = "concept.safetensors"
 FORMAT = "customdiff-concept-1"
 TOKEN_EMBEDDINGS = "token_embeddings"
 UP, DOWN = ".up", ".down"  # suffixes of a low-rank delta's factors in the file
+
+
+def check_base(pipe, concept: Concept, alternative: str = "") -> None:
+    """Raise a CustomDiffError naming the fix unless ``pipe`` is the base model ``concept`` was trained on
+    (``alternative``: another fix to offer)."""
+    actual = models.model_hash(pipe)
+    if actual != concept.base_hash:
+        raise CustomDiffError(
+            f"{CONCEPT_FILE} was trained on base {concept.base_hash}, not on this model ({actual}); "
+            f"pass --model the base model it was trained on{f', or {alternative}' if alternative else ''}"
+        )
+
+
+def reads_text(name: str) -> bool:
+    """Whether a UNet tensor (``unet.…``) is a cross-attention key or value projection, which reads the
+    text features alone: what ``crossattn_kv`` trains and ``compress`` fits to those features' outputs."""
+    return re.search(r"\.attn2\.to_[kv]\.", name) is not None
 
 
 PARTS = "parts."  # prefix of a merged concept's parts' deltas in the file: "parts.<i>.unet.<parameter>"
@@ -261,12 +279,7 @@ def apply_concept(pipe, concept: Concept | Path | str, scale: float = 1.0) -> Ap
     taken = [token for token in concept.tokens if token in pipe.tokenizer.get_vocab()]
     if taken:
         raise CustomDiffError(f"the pipeline already has the token {taken[0]}; apply each concept once")
-    actual = models.model_hash(pipe)
-    if actual != concept.base_hash:
-        raise CustomDiffError(
-            f"{CONCEPT_FILE} was trained on base {concept.base_hash}, not on this model ({actual}); "
-            "pass --model the base model it was trained on"
-        )
+    check_base(pipe, concept)
     text.load_tokens(pipe, list(concept.tokens), concept.token_embeddings)
     originals = {}
     with torch.no_grad():

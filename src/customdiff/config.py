@@ -698,6 +698,13 @@ class CompressConfig:
     energy: float | None = option(
         None, "keep the fewest singular values whose sum reaches this share of all (the paper: 0.6)"
     )
+    plain: bool = option(
+        False,
+        "keep each delta's truncated SVD, as the paper does, instead of the factors of that rank that change "
+        "the outputs of the concept's and ordinary captions least (those need the base model, --model)",
+    )
+    model: Path | None = option(None, "the base model the concept was trained on (default: the toy model)")
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
 
     def __post_init__(self) -> None:
         if (self.rank is None) == (self.energy is None):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,7 +52,7 @@ def _is_token_row(name: str) -> bool:
 
 
 MODE_PREDICATES: dict[str, Callable[[str], bool]] = {
-    "crossattn_kv": lambda name: _is_token_row(name) or re.search(r"\.attn2\.to_[kv]\.", name) is not None,
+    "crossattn_kv": lambda name: _is_token_row(name) or concept.reads_text(name),
     "crossattn": lambda name: _is_token_row(name) or (name.startswith("unet.") and ".attn2." in name),
     "full": lambda name: _is_token_row(name) or name.startswith("unet."),
     "token": _is_token_row,

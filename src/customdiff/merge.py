@@ -278,6 +278,27 @@ def merge_deltas(
     return dict(zip(base, merged, strict=True)), report
 
 
+def weighting(total: torch.Tensor, gram: torch.Tensor, reg_weight: float = REG_WEIGHT) -> torch.Tensor:
+    """A = Σ_n G_n + λ M (d, d), float64: how much each text-feature direction's outputs count, with the
+    regularization captions' ``gram`` M weighing ``reg_weight`` of the concepts' ``total`` Σ_n G_n."""
+    system = total + gram * (reg_weight * total.trace() / gram.trace())
+    # directions no caption reaches (a short --reg-captions list) get no change; jitter keeps A invertible
+    return system + torch.eye(len(system), dtype=system.dtype) * 1e-6 * system.diagonal().mean()
+
+
+def output_weighting(pipe, concept: Concept, reg_captions: list[str]) -> torch.Tensor:
+    """The weighted merge's A for ``concept`` alone (its captions, its contexts, the ordinary captions), so
+    that ‖ΔW L‖_F with LLᵀ = A measures how much a K/V change moves the outputs the concept is used for:
+    what ``compress`` keeps. ``pipe`` is the base pipeline, left as it was."""
+    gram = regularization_gram(pipe, reg_captions)
+    text.load_tokens(pipe, list(concept.tokens), concept.token_embeddings)
+    try:
+        (rows,) = fitted_rows(pipe, [concept], reg_captions, "weighted", CONTEXT_SHARE)
+    finally:
+        text.unload_tokens(pipe, list(concept.tokens))
+    return weighting(rows.T @ rows, gram)
+
+
 def weighted_deltas(
     base: dict[str, torch.Tensor],
     gram: torch.Tensor,
@@ -296,11 +317,7 @@ def weighted_deltas(
     """
     # rows with F_n's Gram matrix, at most d of them (a thin QR), so each layer's products are r_n wide, not d
     rows = [torch.linalg.qr(F, mode="r").R if len(F) > F.shape[1] else F for F in features]
-    total = sum(R.T @ R for R in rows)
-    system = total + gram * (reg_weight * total.trace() / gram.trace())
-    # directions no caption reaches (a short --reg-captions list) get no change; jitter keeps A invertible
-    system += torch.eye(len(system), dtype=system.dtype) * 1e-6 * system.diagonal().mean()
-    factor = torch.linalg.cholesky(system)
+    factor = torch.linalg.cholesky(weighting(sum(R.T @ R for R in rows), gram, reg_weight))
     solved = [torch.cholesky_solve(R.T, factor).T for R in rows]  # R_n A⁻¹ (r_n, d)
     # ΔW = Σ_n (ΔW_n R_nᵀ)(R_n A⁻¹): its outputs on concept m's rows and its objective come from small kernels
     cross = [[(R @ Z.T).float() for Z in solved] for R in rows]  # R_m A⁻¹ R_nᵀ
