@@ -99,11 +99,14 @@ def test_fitted_to_outputs_keeps_the_ranks_and_changes_the_outputs_less(
         fitted_miss, plain_miss = ((delta - kept.deltas[name]).double() for kept in (fitted, plain))
         assert (fitted_miss @ weighting * fitted_miss).sum() < (plain_miss @ weighting * plain_miss).sum()
         assert plain_miss.square().sum() < fitted_miss.square().sum()
+    fitted_error, plain_error = (compress.output_error(full, kept, weighting) for kept in (fitted, plain))
+    assert compress.output_error(full, full, weighting) == 0 and 0 < fitted_error < plain_error < 1
     path = concept.save_concept(tmp_path / "full", full)
-    code, _, err = run_cli(
+    code, out, err = run_cli(
         "compress", path, "--energy", 0.6, "--model", tiny_pipeline_dir, "-o", tmp_path / "f"
     )
     assert code == 0, err
+    assert f"miss the full delta's change by {fitted_error:.1%} (--plain: {plain_error:.1%})" in out
     written = concept.load_concept(tmp_path / "f")
     for name, delta in written.deltas.items():
         torch.testing.assert_close(delta, fitted.deltas[name], rtol=1e-4, atol=1e-5)

@@ -176,7 +176,15 @@ def compress(config: CompressConfig) -> None:
     save_config(config, config.out)
     before = concept.concept_file(config.concept).stat().st_size / 2**20
     after = path.stat().st_size / 2**20
-    print(f"wrote {path}: {after:.2f} MB (from {before:.2f} MB)")
+    line = f"wrote {path}: {after:.2f} MB (from {before:.2f} MB)"
+    ranks = sorted(up.shape[1] for up, _ in compressed.factors.values())
+    if ranks:  # a token concept has no delta to cut
+        line += f", ranks {ranks[0]}–{ranks[-1]}"
+    if ranks and weighting is not None:
+        plain = compression.compress_concept(original, config.rank, config.energy)
+        errors = (compression.output_error(original, kept, weighting) for kept in (compressed, plain))
+        line += "; the K/V outputs miss the full delta's change by {:.1%} (--plain: {:.1%})".format(*errors)
+    print(line)
 
 
 def merge(config: MergeConfig) -> None:

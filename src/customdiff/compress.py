@@ -109,3 +109,16 @@ def compress_concept(
         part_deltas, part_factors = _low_rank_deltas(part.deltas, rank, energy, factor)
         parts.append(dataclasses.replace(part, deltas=part_deltas, factors=part_factors))
     return dataclasses.replace(concept, deltas=deltas, factors=factors, parts=tuple(parts))
+
+
+def output_error(full: Concept, kept: Concept, weighting: torch.Tensor) -> float:
+    """How far ``kept``'s K/V deltas miss ``full``'s outputs on the features ``weighting`` A weighs, as a
+    share of ``full``'s own change to them: √(Σ tr(E A Eᵀ) / Σ tr(ΔW A ΔWᵀ)), E = ΔW − kept's delta."""
+    A = weighting.float()
+    missed = change = 0.0
+    for name, delta in full.deltas.items():
+        if reads_text(name):
+            miss = delta - kept.deltas[name]
+            missed += float((miss @ A * miss).sum())
+            change += float((delta @ A * delta).sum())
+    return (missed / change) ** 0.5 if change else 0.0
