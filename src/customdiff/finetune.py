@@ -739,12 +739,13 @@ def train(
                 with as_ended(step):
                     preview(step, pipe)
         bar.close()
-        result = trained(config.steps)
         if config.refit_weight:
             result, record = refit_at(config.steps)
             set_unet_deltas(parameters, base, result.deltas)
             if accelerator.is_main_process:
                 append_log(out / "log.jsonl", record)
+        else:
+            result = trained(config.steps)
     for module in [unet, *encoder_models]:
         module.requires_grad_(False).eval()
     path = out / concept.CONCEPT_FILE
