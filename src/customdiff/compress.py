@@ -9,8 +9,9 @@ The paper keeps ΔW's truncated SVD, U_r S_r V_rᵀ, the rank-r product nearest 
 projection only ever reads text features, and what matters is how its outputs on them change. Given the
 weighting A of those features (``merge.output_weighting``: the concept's captions, its contexts and
 ordinary captions) with A = LLᵀ, the rank-r product that changes those outputs least is the truncated
-SVD of ΔW L, mapped back by L⁻¹: at the paper's ranks, on two built-in concepts at the toy defaults, it
-lost less of the concept beside a world object and in new contexts than the plain cut (docs/findings.md).
+SVD of ΔW L, mapped back by L⁻¹: at the paper's ranks, on three built-in concepts at the toy defaults,
+it lost less of the concept in new contexts and beside a world object than the plain cut
+(docs/findings.md).
 """
 
 from __future__ import annotations
