@@ -62,11 +62,12 @@ def low_rank(
         up (out, r) and down (r, in), with r the given rank (capped at the matrix's) or the energy's, counted
         on the delta's own singular values either way.
     """
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    r = min(rank, len(S)) if rank is not None else rank_for_energy(S, energy)
-    if weighting_factor is not None:
-        L = weighting_factor.double()
-        U, S, Vh = torch.linalg.svd(delta.double() @ L, full_matrices=False)
+    delta = delta.double()
+    L = None if weighting_factor is None else weighting_factor.double()
+    U, S, Vh = torch.linalg.svd(delta if L is None else delta @ L, full_matrices=False)
+    own = S if L is None else torch.linalg.svdvals(delta)  # the energy rule reads the delta's own values
+    r = min(rank, len(S)) if rank is not None else rank_for_energy(own, energy)
+    if L is not None:
         Vh = torch.linalg.solve_triangular(L.T, Vh[:r].T, upper=True).T  # V_rᵀ L⁻¹, no inverse formed
     return (U[:, :r] * S[:r]).float().contiguous(), Vh[:r].float().contiguous()
 

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -667,15 +667,11 @@ def train(
                 config={**settings, "steps": steps_done},
             )
 
-        refits: dict[int, tuple[concept.Concept, dict]] = {}  # the latest step's, for its other users
-
+        @lru_cache(maxsize=1)
         def refit_at(steps_done: int) -> tuple[concept.Concept, dict]:
             """``refit`` of the concept after ``steps_done`` steps, solved once however many ask (a
             snapshot, a preview and the end can fall on one step)."""
-            if steps_done not in refits:
-                refits.clear()
-                refits[steps_done] = refit(pipe, trained(steps_done), config)
-            return refits[steps_done]
+            return refit(pipe, trained(steps_done), config)
 
         @contextmanager
         def as_ended(steps_done: int) -> Iterator[concept.Concept]:
