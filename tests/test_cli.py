@@ -282,6 +282,18 @@ def test_config_checks_run_on_construction():
     assert config.FinetuneConfig(Path("x"), "star", reg="none").composed_views == 0  # none to pair with
 
 
+def test_outputs_default_to_a_folder_of_each_concept_so_two_never_collide(tmp_path):
+    starfish, donut = tmp_path / "runs" / "starfish", tmp_path / "runs" / "donut"
+    starfish.mkdir(parents=True)
+    assert config.EvalConfig(starfish).out == starfish / "eval"
+    assert config.EvalConfig(donut / "concept.safetensors").out == donut / "eval"  # a file: its folder
+    assert config.EvalConfig(starfish, out=Path("mine")).out == Path("mine")
+    assert config.CompressConfig(starfish, energy=0.6).out == tmp_path / "runs" / "starfish-energy0.6"
+    assert config.CompressConfig(starfish, rank=4).out == tmp_path / "runs" / "starfish-rank4"
+    assert config.ExportConfig(starfish, format="diffusers").out == starfish / "diffusers"
+    assert config.MergeConfig((starfish, donut)).out == tmp_path / "runs" / "starfish+donut"
+
+
 def test_learning_rate_defaults_by_mode_resolved_on_construction(tmp_path):
     paper = {"model": tmp_path}  # a folder without customdiff_defaults.toml: the paper's settings
     assert config.FinetuneConfig(Path("x"), "star", **paper).lr == 1e-5  # the paper's, for the weights

@@ -70,6 +70,10 @@ def test_compress_cli_and_its_bad_input(run_cli, tmp_path):
     code, out, err = run_cli("compress", tmp_path / "full", "--rank", 1, "--plain", "-o", tmp_path / "small")
     assert code == 0, err
     assert concept.load_concept(tmp_path / "small").factors["unet.a.attn2.to_v.weight"][0].shape == (16, 1)
+    code, out, _ = run_cli("compress", tmp_path / "full" / "concept.safetensors", "--energy", 0.6, "--plain")
+    beside = tmp_path / "full-energy0.6"  # beside the concept's folder, named by the cut
+    assert code == 0 and f"wrote {beside / 'concept.safetensors'}" in out
+    assert concept.load_concept(beside).factors
     code, _, err = run_cli("compress", tmp_path / "full", "-o", tmp_path / "x")
     assert code == 2 and "--rank R or --energy E" in err
     code, _, err = run_cli("compress", tmp_path / "full", "--rank", 1, "-o", tmp_path / "x")  # base "abc"

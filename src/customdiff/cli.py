@@ -168,9 +168,8 @@ def compress(config: CompressConfig) -> None:
     from customdiff import concept
 
     original = concept.load_concept(config.concept)
-    weighting = (
-        None if config.plain else compression.output_weighting(original, config.model, config.model_config)
-    )
+    fitted = not config.plain and any(concept.reads_text(name) for name in original.deltas)  # else no model
+    weighting = compression.output_weighting(original, config.model, config.model_config) if fitted else None
     compressed = compression.compress_concept(original, config.rank, config.energy, weighting)
     path = concept.save_concept(config.out, compressed)
     save_config(config, config.out)
@@ -182,8 +181,10 @@ def compress(config: CompressConfig) -> None:
         line += f", ranks {ranks[0]}–{ranks[-1]}"
     if ranks and weighting is not None:
         plain = compression.compress_concept(original, config.rank, config.energy)
-        errors = (compression.output_error(original, kept, weighting) for kept in (compressed, plain))
-        line += "; the K/V outputs miss the full delta's change by {:.1%} (--plain: {:.1%})".format(*errors)
+        miss, plain_miss = (compression.output_error(original, cut, weighting) for cut in (compressed, plain))
+        line += f"; the K/V outputs miss the full delta's change by {miss:.1%} (--plain: {plain_miss:.1%})"
+        if miss > compression.LARGE_MISS:
+            line += "\n  so large a miss loses most of a concept (README, Compression): try --energy 0.9"
     print(line)
 
 

@@ -662,7 +662,9 @@ class EvalConfig:
     model_settable: ClassVar[tuple[str, ...]] = ("guidance", "regions")
 
     concept: Path = positional("concept.safetensors (or its folder) to evaluate")
-    out: Path = option(Path("runs/eval"), "folder for eval.json, eval.md and the samples", short="-o")
+    out: Path | None = option(
+        None, "folder for eval.json, eval.md and the samples (default: CONCEPT's folder/eval)", short="-o"
+    )
     model: Path | None = option(None, "the base model the concept was trained on (default: the toy model)")
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     images: tuple[Path, ...] = option(
@@ -681,6 +683,7 @@ class EvalConfig:
     concept_scale: float = option(1.0, CONCEPT_SCALE_HELP)
 
     def __post_init__(self) -> None:
+        default_out(self, concept_folder(self.concept) / "eval")
         fill_from_model(self, {"guidance": PAPER_GUIDANCE, "regions": False})
         check_region_ratios(self)
         check_concept_scale(self)
@@ -693,7 +696,12 @@ class CompressConfig:
     """Keep a concept's weight deltas in low rank (SVD) for a smaller file (the paper's compression)."""
 
     concept: Path = positional("concept.safetensors (or its folder) to compress")
-    out: Path = option(Path("runs/compressed"), "folder for the compressed concept.safetensors", short="-o")
+    out: Path | None = option(
+        None,
+        "folder for the compressed concept.safetensors (default: beside CONCEPT's folder, named after it and "
+        "the cut, e.g. runs/starfish-energy0.6)",
+        short="-o",
+    )
     rank: int | None = option(None, "keep this many singular values of each delta")
     energy: float | None = option(
         None, "keep the fewest singular values whose sum reaches this share of all (the paper: 0.6)"
@@ -709,6 +717,9 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if (self.rank is None) == (self.energy is None):
             raise CustomDiffError("give --rank R or --energy E (one of them)")
+        cut = f"rank{self.rank}" if self.rank is not None else f"energy{self.energy:g}"
+        folder = concept_folder(self.concept)
+        default_out(self, folder.with_name(f"{folder.name}-{cut}"))
 
 
 @dataclass(frozen=True)
@@ -716,7 +727,12 @@ class MergeConfig:
     """Merge separately trained concepts into one, in closed form (the paper's §3.2)."""
 
     concepts: tuple[Path, ...] = positional("concept files (or their folders) to merge, of one base model")
-    out: Path = option(Path("runs/merged"), "folder for the merged concept.safetensors", short="-o")
+    out: Path | None = option(
+        None,
+        "folder for the merged concept.safetensors (default: beside the first concept's folder, named after "
+        "the concepts' folders, e.g. runs/starfish+donut)",
+        short="-o",
+    )
     model: Path | None = option(None, "the base model the concepts were trained on (default: the toy model)")
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     reg_captions: Path | None = option(
@@ -745,6 +761,9 @@ class MergeConfig:
     )
 
     def __post_init__(self) -> None:
+        folders = [concept_folder(path) for path in self.concepts]
+        if folders:
+            default_out(self, folders[0].with_name("+".join(folder.name for folder in folders)))
         if self.num_reg_captions < 1:
             raise CustomDiffError(f"--num-reg-captions {self.num_reg_captions}: pass at least 1")
         if self.reg_weight <= 0:
@@ -770,7 +789,9 @@ class ExportConfig:
     format: Literal["webui", "diffusers"] = option(
         "webui", "webui: kohya LoRA + embeddings (A1111, ComfyUI); diffusers: attention procs + embeddings"
     )
-    out: Path = option(Path("runs/export"), "folder to write the files into", short="-o")
+    out: Path | None = option(
+        None, "folder to write the files into (default: CONCEPT's folder/webui or /diffusers)", short="-o"
+    )
     trigger: tuple[str, ...] = option(
         (), "prompt word for each token, also the files' names, e.g. mymug (default: new1 for <new1>)"
     )
@@ -780,6 +801,7 @@ class ExportConfig:
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
 
     def __post_init__(self) -> None:
+        default_out(self, concept_folder(self.concept) / self.format)
         for word in self.trigger:
             if not TRIGGER_WORD.match(word):
                 raise CustomDiffError(
@@ -845,6 +867,20 @@ def check_concept_scale(config: Any) -> None:
     """A scale of inf or nan would fill the weights with it and draw black images."""
     if not math.isfinite(config.concept_scale):
         raise CustomDiffError(f"--concept-scale {config.concept_scale}: pass a number, e.g. 0.8")
+
+
+def concept_folder(concept: Path) -> Path:
+    """The folder a concept path names: its own, or a file's (absolute where that is the working folder)."""
+    concept = Path(concept)
+    folder = concept.parent if concept.is_file() or concept.suffix == ".safetensors" else concept
+    return folder if folder.name else folder.resolve()
+
+
+def default_out(config: Any, out: Path) -> None:
+    """Set ``config.out`` to ``out`` where none was given: a folder of its own for each concept, so that
+    outputs of different concepts never land in one folder and replace each other."""
+    if config.out is None:
+        object.__setattr__(config, "out", out)
 
 
 def check_region_ratios(config: Any) -> None:
