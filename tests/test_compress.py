@@ -1,5 +1,7 @@
 """Compression: the paper's energy rule, full rank gives the delta back, factors round-trip via the file."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -79,6 +81,13 @@ def test_compress_cli_and_its_bad_input(run_cli, tmp_path):
     code, _, err = run_cli("compress", tmp_path / "full", "--rank", 1, "-o", tmp_path / "x")  # base "abc"
     assert code == 2 and "trained on base abc" in err and "--plain" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    token_only = dataclasses.replace(a_concept(), mode="token", deltas={})  # nothing to fit: no model read
+    concept.save_concept(tmp_path / "token", token_only)
+    code, out, err = run_cli("compress", tmp_path / "token", "--energy", 0.6)
+    assert code == 0, err
+    assert torch.equal(
+        concept.load_concept(tmp_path / "token-energy0.6").token_embeddings, token_only.token_embeddings
+    )
 
 
 def test_fitted_to_outputs_keeps_the_ranks_and_changes_the_outputs_less(
