@@ -274,6 +274,12 @@ def test_a_resumed_run_ends_where_a_straight_run_ends(tiny_pipeline_dir, concept
             config_for(concept_dir, resumed_dir, **{**settings, "lr": 1e-2}),
             models.load_pipeline(tiny_pipeline_dir),
         )
+    with pytest.raises(CustomDiffError, match="checkpoint at step 6, past --steps 3; pass --steps 6 or more"):
+        finetune.train(config_for(concept_dir, resumed_dir, **{**settings, "steps": 3}))
+    (resumed_dir / finetune.CHECKPOINT_FILE).unlink()  # a finished run is never trained over silently
+    with pytest.raises(CustomDiffError, match="already holds a trained concept and no checkpoint.pt"):
+        finetune.train(config_for(concept_dir, resumed_dir, **settings))
+    assert torch.equal(concept.load_concept(resumed).token_embeddings, b.token_embeddings)
 
 
 def test_save_every_keeps_each_steps_concept_as_a_run_that_long_ends(
@@ -288,7 +294,10 @@ def test_save_every_keeps_each_steps_concept_as_a_run_that_long_ends(
     )
     saved = tmp_path / "long" / "step-2"
     assert sorted(p.name for p in long.parent.glob("step-*")) == ["step-2"]  # step 4 is the run's own
-    assert {p.name for p in saved.iterdir()} == {p.name for p in short.parent.iterdir()} - {"run_config.json"}
+    assert {p.name for p in saved.iterdir()} == {p.name for p in short.parent.iterdir()} - {
+        "run_config.json",
+        finetune.CHECKPOINT_FILE,
+    }
     a, b, last = concept.load_concept(saved), concept.load_concept(short), concept.load_concept(long)
     assert a.config["steps"] == 2 and last.config["steps"] == 4
     assert torch.equal(a.token_embeddings, b.token_embeddings)

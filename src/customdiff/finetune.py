@@ -392,10 +392,22 @@ def save_checkpoint(path: Path, step: int, parameters: dict, optimizer, config: 
         torch.save(state, temporary)
 
 
-def load_checkpoint(path: Path, parameters: dict, optimizer, config: FinetuneConfig) -> int:
-    """Restore a checkpoint written by ``save_checkpoint``; returns its step (0 when there is none)."""
+def read_checkpoint(path: Path, config: FinetuneConfig) -> dict | None:
+    """The checkpoint ``save_checkpoint`` wrote, if this run can go on from it (None: start afresh), read
+    before any work so that a run that cannot resume fails at once.
+
+    Raises:
+        CustomDiffError: it is another run's, it is past ``--steps``, or the folder holds a finished
+            concept and no checkpoint (nothing is trained over silently).
+    """
     if not path.is_file():
-        return 0
+        finished = path.parent / concept.CONCEPT_FILE
+        if finished.is_file():  # a run of an older customdiff, or one whose checkpoint was deleted
+            raise CustomDiffError(
+                f"{path.parent} already holds a trained concept and no {path.name} to resume from; "
+                f"pass a new --out, or delete {finished} to train again"
+            )
+        return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     changed = [k for k, v in _resumable(config).items() if state["config"].get(k) != v]
     if changed:
@@ -403,6 +415,19 @@ def load_checkpoint(path: Path, parameters: dict, optimizer, config: FinetuneCon
             f"{path} is a checkpoint of another run (--{changed[0].replace('_', '-')} differs); "
             "pass a new --out or delete the checkpoint"
         )
+    if state["step"] > config.steps:
+        raise CustomDiffError(
+            f"{path} is a checkpoint at step {state['step']}, past --steps {config.steps}; pass --steps "
+            f"{state['step']} or more to go on, or a new --out"
+        )
+    return state
+
+
+def restore_checkpoint(state: dict | None, parameters: dict, optimizer) -> int:
+    """Put a ``read_checkpoint`` state into the trainable tensors and optimizer; returns its step (0 for
+    none)."""
+    if state is None:
+        return 0
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(state["parameters"][name])
@@ -597,6 +622,7 @@ def train(
         the path of the written ``concept.safetensors``.
     """
     out = files.prepare_output_dir(config.out)
+    resumed = read_checkpoint(out / CHECKPOINT_FILE, config)
     pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     config = dataclasses.replace(config, num_processes=accelerator.num_processes)  # as run, however launched
@@ -636,7 +662,7 @@ def train(
         for parameter in parameters.values():
             parameter.requires_grad_(True)
         optimizer = make_optimizer(parameters, config)
-        step = load_checkpoint(out / CHECKPOINT_FILE, parameters, optimizer, config)
+        step = restore_checkpoint(resumed, parameters, optimizer)
         unet_step, optimizer = prepare_unet(accelerator, unet, optimizer)
         first_new_ids = [embedding.first for embedding in embeddings]
         bar = tqdm(
@@ -726,7 +752,7 @@ def train(
                     out / "log.jsonl",
                     {"step": step, "loss": np.mean(losses[-LOG_EVERY:]), "seconds": seconds},
                 )
-            if step % config.checkpoint_every == 0:
+            if step % config.checkpoint_every == 0 or step == config.steps:  # a finished run goes on too
                 save_checkpoint(out / CHECKPOINT_FILE, step, parameters, optimizer, config)
             if config.save_every and step % config.save_every == 0 and step < config.steps:
                 with as_ended(step) as snapshot:
