@@ -33,11 +33,12 @@ def test_with_regions_on_prompts_split_at_break_and_two_object_toy_captions_nami
     for bad in ("two pets BREAK a dog", "two pets BREAK  BREAK a cat"):
         with pytest.raises(CustomDiffError, match="WHOLE BREAK LEFT BREAK RIGHT"):
             regions.split_prompt(bad, True)
+    assert regions.parse_layout(None) is regions.parse_layout("") is None  # none given: equal columns
     rows = regions.parse_layout("1;2")
     assert regions.split_prompt(written, True, rows).layout == regions.Layout((1.0, 2.0), rows=True)
     with pytest.raises(CustomDiffError, match='gives 3 regions, but "two pets" has 2; give one share per'):
         regions.split_prompt(written, True, regions.parse_layout("1,1,2"))
-    for bad in ("1", "1,x", "1,-2", "1,2;3", "1,inf", ""):
+    for bad in ("1", "1,x", "1,-2", "1,2;3", "1,inf"):
         with pytest.raises(CustomDiffError, match='"1,2" for columns'):
             regions.parse_layout(bad)
 

@@ -104,7 +104,7 @@ def generate(config: GenerateConfig) -> None:
     from customdiff import models, regions
 
     prompts = list(config.prompt) if config.prompt else sampling.read_prompts(config.prompts)
-    layout = regions.parse_layout(config.region_ratios) if config.region_ratios else None
+    layout = regions.parse_layout(config.region_ratios)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
     applied = None

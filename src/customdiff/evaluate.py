@@ -266,7 +266,7 @@ def training_folders(loaded: concepts.Concept) -> list[Path]:
 
 def run_eval(config: EvalConfig) -> dict[str, float]:
     """``customdiff eval``: sample, score, and write eval.json, eval.md and the samples into OUT."""
-    layout = regional.parse_layout(config.region_ratios) if config.region_ratios else None
+    layout = regional.parse_layout(config.region_ratios)
     out = files.prepare_output_dir(config.out)
     loaded = concepts.load_concept(config.concept)
     folders = list(config.images) or training_folders(loaded)

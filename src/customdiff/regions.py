@@ -56,8 +56,11 @@ def columns(count: int) -> Layout:
     return Layout((1.0,) * count)
 
 
-def parse_layout(text: str) -> Layout:
-    """``--region-ratios``: shares written ``1,2`` (columns, left to right) or ``1;2`` (rows, top down)."""
+def parse_layout(text: str | None) -> Layout | None:
+    """``--region-ratios``: shares written ``1,2`` (columns, left to right) or ``1;2`` (rows, top down);
+    None where none are given (equal columns)."""
+    if not text:
+        return None
     rows = ";" in text
     try:
         shares = tuple(float(share) for share in text.split(";" if rows else ","))
