@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from base_components import add_run_options, run_settings  # benchmarks/, first on the path as a script
-from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyworld
+from customdiff import compress, concept, evaluate, files, finetune, models, toyworld
 from customdiff.config import FinetuneConfig
 
 SETTINGS = (("full", {}), ("energy 0.9", {"energy": 0.9}), ("energy 0.6", {"energy": 0.6}))
@@ -44,8 +44,7 @@ def main() -> None:
         full = concept.load_concept(finetune.train(config, models.load_pipeline()))
         targets = {"<new1>": [image for _, image, _ in files.read_image_folder(images)]}
         prompts = evaluate.toy_prompts(("<new1>",), (built_in.shape,))
-        reg_captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
-        weighting = merge.output_weighting(pipe, full, reg_captions)
+        weighting = compress.fit_weighting(pipe, full)
         for name, setting in SETTINGS:
             cut = {key: value for key, value in setting.items() if key != "plain"}
             fitted_to = None if setting.get("plain") else weighting

@@ -71,7 +71,7 @@ def main() -> None:
         # a prompt naming one concept reads its part's own deltas; without parts, the merged weights
         # (what export writes and other tools apply)
         merged_only, constrained_only = (dataclasses.replace(m, parts=()) for m in (merged, constrained))
-        fitted_to = merge.output_weighting(pipe, separate[0], captions)  # as customdiff compress fits
+        fitted_to = compress.fit_weighting(pipe, separate[0])  # as customdiff compress fits
         small = compress.compress_concept(separate[0], energy=0.6, weighting=fitted_to)
         targets = {
             token: [image for _, image, _ in files.read_image_folder(folder)]

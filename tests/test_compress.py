@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from customdiff import compress, concept, merge, models
+from customdiff import compress, concept, models
 from customdiff.errors import CustomDiffError
 
 
@@ -99,9 +99,7 @@ def test_fitted_to_outputs_keeps_the_ranks_and_changes_the_outputs_less(
     pipe = models.load_pipeline(tiny_pipeline_dir)
     captions = ("a <new1> star on a gray background", "a <new1> star on a sky background")
     full = make_concept(pipe, captions=captions)
-    weighting = merge.output_weighting(
-        pipe, full, merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
-    )
+    weighting = compress.fit_weighting(pipe, full)
     assert "<new1>" not in pipe.tokenizer.get_vocab()  # the pipeline is left as it was
     plain = compress.compress_concept(full, energy=0.6)
     fitted = compress.compress_concept(full, energy=0.6, weighting=weighting)
@@ -120,6 +118,11 @@ def test_fitted_to_outputs_keeps_the_ranks_and_changes_the_outputs_less(
     )
     assert code == 0, err
     assert f"miss the full delta's change by {fitted_error:.1%} (--plain: {plain_error:.1%})" in out
+    assert (fitted_error > compress.LARGE_MISS) == ("try --energy 0.9" in out)
+    rank_one = compress.compress_concept(full, rank=1, weighting=weighting)
+    assert compress.output_error(full, rank_one, weighting) > compress.LARGE_MISS
+    code, out, _ = run_cli("compress", path, "--rank", 1, "--model", tiny_pipeline_dir, "-o", tmp_path / "r1")
+    assert code == 0 and "try --energy 0.9" in out  # a cut that loses much says so
     written = concept.load_concept(tmp_path / "f")
     for name, delta in written.deltas.items():
         torch.testing.assert_close(delta, fitted.deltas[name], rtol=1e-4, atol=1e-5)

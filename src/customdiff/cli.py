@@ -184,7 +184,7 @@ def compress(config: CompressConfig) -> None:
         miss, plain_miss = (compression.output_error(original, cut, weighting) for cut in (compressed, plain))
         line += f"; the K/V outputs miss the full delta's change by {miss:.1%} (--plain: {plain_miss:.1%})"
         if miss > compression.LARGE_MISS:
-            line += "\n  so large a miss loses most of a concept (README, Compression): try --energy 0.9"
+            line += "\n  misses this large cost concepts half their samples (README): try --energy 0.9"
     print(line)
 
 

@@ -7,11 +7,11 @@ share of the rank.
 
 The paper keeps ΔW's truncated SVD, U_r S_r V_rᵀ, the rank-r product nearest ΔW itself. But a K/V
 projection only ever reads text features, and what matters is how its outputs on them change. Given the
-weighting A of those features (``merge.output_weighting``: the concept's captions, its contexts and
-ordinary captions) with A = LLᵀ, the rank-r product that changes those outputs least is the truncated
-SVD of ΔW L, mapped back by L⁻¹: at the paper's ranks, on three built-in concepts at the toy defaults,
-it lost less of the concept in new contexts and beside a world object than the plain cut
-(docs/findings.md).
+weighting A of those features (``fit_weighting``: the concept's captions, its contexts and, weighing as
+much, ordinary captions) with A = LLᵀ, the rank-r product that changes those outputs least is the truncated
+SVD of ΔW L, mapped back by L⁻¹: at the paper's ranks, on three built-in concepts at the toy defaults, it
+kept the concept in new contexts within a point of the full delta over two sets of seeds, where the plain
+cut lost 6.8 points on one (docs/findings.md).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import torch
 from customdiff.concept import Concept, check_base, reads_text
 from customdiff.errors import CustomDiffError
 
-# a cut missing this share of the K/V outputs' change loses most of the concept: refit concepts cut to 60%
-# energy missed 42–52% and lost over half their samples in new contexts; toy-default concepts missed 9–10%
+# a cut missing this share of the K/V outputs' change loses much of the concept: refit concepts cut to 60%
+# energy missed 32–57% and lost half their samples in new contexts in all; toy-default ones missed 10–12%
 LARGE_MISS = 0.3
+# the ordinary captions' outputs weigh as much as the concept's own rows: on three toy-default concepts this
+# kept more in new contexts and of their class prompts than the merge's 0.25 (docs/findings.md)
+REG_WEIGHT = 1.0
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
@@ -36,21 +39,28 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return min(needed, len(singular_values))  # rounding may leave the last share a hair below 1
 
 
+def fit_weighting(pipe, concept: Concept) -> torch.Tensor:
+    """The weighting A the default cut fits to, on the concept's base ``pipe``: ``merge.output_weighting``
+    with the ordinary captions a merge keeps, weighing ``REG_WEIGHT`` of the concept's own rows."""
+    from customdiff import merge
+
+    captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
+    return merge.output_weighting(pipe, concept, captions, REG_WEIGHT)
+
+
 def output_weighting(
     concept: Concept, model: Path | None = None, model_config: Path | None = None
 ) -> torch.Tensor:
-    """``merge.output_weighting`` of the concept on its base model, loaded from ``model`` (default: the toy
-    model), with the ordinary captions a merge keeps.
+    """``fit_weighting`` on the concept's base model, loaded from ``model`` (default: the toy model).
 
     Raises:
         CustomDiffError: the model is not the concept's base.
     """
-    from customdiff import merge, models
+    from customdiff import models
 
     pipe = models.load_pipeline(model, model_config=model_config)
     check_base(pipe, concept, "--plain, which needs no model")
-    captions = merge.regularization_captions(pipe.tokenizer, merge.NUM_REG_CAPTIONS)
-    return merge.output_weighting(pipe, concept, captions)
+    return fit_weighting(pipe, concept)
 
 
 def low_rank(

@@ -286,17 +286,19 @@ def weighting(total: torch.Tensor, gram: torch.Tensor, reg_weight: float = REG_W
     return system + torch.eye(len(system), dtype=system.dtype) * 1e-6 * system.diagonal().mean()
 
 
-def output_weighting(pipe, concept: Concept, reg_captions: list[str]) -> torch.Tensor:
-    """The weighted merge's A for ``concept`` alone (its captions, its contexts, the ordinary captions), so
-    that ‖ΔW L‖_F with LLᵀ = A measures how much a K/V change moves the outputs the concept is used for:
-    what ``compress`` keeps. ``pipe`` is the base pipeline, left as it was."""
+def output_weighting(
+    pipe, concept: Concept, reg_captions: list[str], reg_weight: float = REG_WEIGHT
+) -> torch.Tensor:
+    """The weighted merge's A for ``concept`` alone (its captions, its contexts, the ordinary captions at
+    ``reg_weight``), so that ‖ΔW L‖_F with LLᵀ = A measures how much a K/V change moves the outputs the
+    concept is used for: what ``compress`` keeps. ``pipe`` is the base pipeline, left as it was."""
     gram = regularization_gram(pipe, reg_captions)
     text.load_tokens(pipe, list(concept.tokens), concept.token_embeddings)
     try:
         (rows,) = fitted_rows(pipe, [concept], reg_captions, "weighted", CONTEXT_SHARE)
     finally:
         text.unload_tokens(pipe, list(concept.tokens))
-    return weighting(rows.T @ rows, gram)
+    return weighting(rows.T @ rows, gram, reg_weight)
 
 
 def weighted_deltas(
