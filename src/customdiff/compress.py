@@ -24,8 +24,8 @@ import torch
 from customdiff.concept import Concept, check_base, reads_text
 from customdiff.errors import CustomDiffError
 
-# a cut missing this share of the K/V outputs' change loses much of the concept: refit concepts cut to 60%
-# energy missed 32–57% and lost half their samples in new contexts in all; toy-default ones missed 10–12%
+# a cut missing this share of the K/V outputs' change loses much of the concept: five refit concepts cut to
+# 60% energy missed 32–57% and, pooled, lost half their new-context samples; toy-default ones missed 10–12%
 LARGE_MISS = 0.3
 # the ordinary captions' outputs weigh as much as the concept's own rows: on three toy-default concepts this
 # kept more in new contexts and of their class prompts than the merge's 0.25 (docs/findings.md)
