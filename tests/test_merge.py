@@ -308,6 +308,7 @@ def test_generate_merges_several_concepts_in_memory_as_merge_does(
     )
     assert code == 0, err
     assert "<new1> is <new2>" in out and "merged 2 concepts in memory (tokens <new1> <new2>)" in out
+    assert f"--rename-tokens saves it in {tmp_path / 'star+ring'}" in out  # merge's own default folder
     for name in ("00000.png", "grid.png"):
         assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes()
     code, _, err = run_cli("generate", prompt, *common, "--concept", *pair, "-o", tmp_path / "clash")

@@ -136,7 +136,7 @@ def _concept_to_apply(pipe, config: GenerateConfig):
     saved = " ".join(shlex.quote(str(path)) for path in config.concept)
     print(
         f"merged {len(concepts)} concepts in memory (tokens {' '.join(merged.tokens)}); "
-        f"customdiff merge {saved}{' --rename-tokens' * config.rename_tokens} -o DIR saves it"
+        f"customdiff merge {saved}{' --rename-tokens' * config.rename_tokens} saves it in {merge_config.out}"
     )
     return merged
 
