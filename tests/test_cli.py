@@ -142,6 +142,9 @@ def test_a_refused_command_leaves_no_new_empty_output_folder(run_cli, tmp_path):
         code, _, err = run_cli("generate", "a red stra on a gray background", "--steps", "1", "-o", out)
         assert_one_line_error(code, err, '"stra"')
     assert not (tmp_path / "new").exists() and mine.is_dir()  # the user's own folder stays
+    code, _, err = run_cli("eval", tmp_path / "runs" / "typo", "--n", 2)  # default out: runs/typo/eval
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "runs").exists()  # nor the folders above it that it made
 
 
 def test_unknown_concept_is_named(run_cli, tmp_path):

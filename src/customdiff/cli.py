@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns on import that torchvision is missing, which customdiff never needs
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.formatwarning = one_line_warning
-    new_out = None
+    new_out: list[Path] = []
     try:
         args = build_parser().parse_args(argv)
         config_class, handler = args.command
@@ -347,13 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(config, "num_processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
             return launch_processes(config.num_processes, sys.argv[1:] if argv is None else argv)
         out = getattr(config, "out", None)
-        new_out = Path(out) if out is not None and not Path(out).exists() else None
+        if out is not None:  # the folders running it may make, the output's first
+            new_out = [path for path in (Path(out), *Path(out).parents) if not path.exists()]
         handler(config)
     except CustomDiffError as error:
         print(f"customdiff: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        if new_out is not None and new_out.is_dir() and not any(new_out.iterdir()):
+        for folder in new_out:  # a refused command leaves no empty folder it made behind
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
             with contextlib.suppress(OSError):  # another process of a launch may have removed it
-                new_out.rmdir()  # a refused command leaves no empty output folder behind
+                folder.rmdir()
         return 2
     except KeyboardInterrupt:
         return 130
