@@ -106,7 +106,7 @@ def compress_concept(
     weighting: torch.Tensor | None = None,
 ) -> Concept:
     """The concept with every 2-D delta in low rank, a merged concept's parts' too (other deltas and the
-    token rows unchanged): fitted to the outputs ``weighting`` A (``merge.output_weighting``) weighs, or
+    token rows unchanged): fitted to the outputs ``weighting`` A (``fit_weighting``) weighs, or
     without it the plain truncated SVD (the paper's).
 
     Raises:
