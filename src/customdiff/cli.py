@@ -168,8 +168,9 @@ def compress(config: CompressConfig) -> None:
     from customdiff import concept
 
     original = concept.load_concept(config.concept)
-    fitted = not config.plain and any(concept.reads_text(name) for name in original.deltas)  # else no model
-    weighting = compression.output_weighting(original, config.model, config.model_config) if fitted else None
+    weighting = None  # the plain cut, or a concept with no K/V delta: no model to load
+    if not config.plain and any(concept.reads_text(name) for name in original.deltas):
+        weighting = compression.load_fit_weighting(original, config.model, config.model_config)
     compressed = compression.compress_concept(original, config.rank, config.energy, weighting)
     path = concept.save_concept(config.out, compressed)
     save_config(config, config.out)

@@ -48,7 +48,7 @@ def fit_weighting(pipe, concept: Concept) -> torch.Tensor:
     return merge.output_weighting(pipe, concept, captions, REG_WEIGHT)
 
 
-def output_weighting(
+def load_fit_weighting(
     concept: Concept, model: Path | None = None, model_config: Path | None = None
 ) -> torch.Tensor:
     """``fit_weighting`` on the concept's base model, loaded from ``model`` (default: the toy model).
