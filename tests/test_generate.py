@@ -104,3 +104,35 @@ def test_negative_prompts_steer_and_the_empty_one_is_the_default(tiny_pipeline_d
 def test_train_needs_images_and_class_word(run_cli, tmp_path):
     code, _, err = run_cli("train", "--class-word", "star", "-o", tmp_path / "o")
     assert code == 2 and "--images DIR --class-word" in err
+
+
+def test_every_sampler_keeps_the_models_noise_schedule_and_an_ancestral_one_its_seeds(
+    run_cli, tiny_pipeline_dir, tmp_path
+):
+    from typing import get_args
+
+    from customdiff import models
+    from customdiff.config import Sampler
+
+    assert set(get_args(Sampler)) == set(models.SAMPLERS)
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    shipped = dict(pipe.scheduler.config)
+    for name in get_args(Sampler):
+        models.use_sampler(pipe, name)
+        assert isinstance(pipe.scheduler, models.SAMPLERS[name])
+        for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type"):
+            assert pipe.scheduler.config[key] == shipped[key], (name, key)
+    prompt = "a red star on a gray background"
+    runs = {}
+    for sampler, batch in [("ddim", 2), ("euler_ancestral", 2), ("euler_ancestral", 1)]:
+        out = tmp_path / f"{sampler}{batch}"
+        code, stdout, _ = run_cli(
+            "generate", prompt, "--n", 2, "--steps", 3, "--model", tiny_pipeline_dir, "--sampler", sampler,
+            "--batch-size", batch, "-o", out,
+        )  # fmt: skip
+        assert code == 0, stdout
+        assert json.loads((out / "run_config.json").read_text())["sampler"] == sampler
+        runs[sampler, batch] = [np.asarray(Image.open(out / f"0000{i}.png")) for i in range(2)]
+    assert not np.array_equal(runs["ddim", 2][1], runs["euler_ancestral", 2][1])
+    for one, two in zip(runs["euler_ancestral", 1], runs["euler_ancestral", 2], strict=True):
+        assert np.array_equal(one, two)  # the noise each step adds comes from the image's own seed

@@ -107,6 +107,7 @@ def generate(config: GenerateConfig) -> None:
     layout = regions.parse_layout(config.region_ratios)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
+    models.use_sampler(pipe, config.sampler)
     applied = None
     if config.concept:
         from customdiff.concept import apply_concept

@@ -28,6 +28,7 @@ TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 MODEL_DEFAULTS_FILE = "customdiff_defaults.toml"  # beside a model: its own defaults, a table per command
 PAPER_GUIDANCE = 6.0  # the paper's scale, for a model that recommends none
 Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
+Sampler = Literal["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "uni_pc"]  # ComfyUI's names
 # Learning rate per image by mode: the paper's for the weights; Textual Inversion's (diffusers' example)
 # for the token alone, which at the weights' rate would barely move
 DEFAULT_LR: dict[str, float] = {"crossattn_kv": 1e-5, "token": 5e-4}
@@ -49,6 +50,10 @@ REGION_RATIOS_HELP = (
 CONCEPT_SCALE_HELP = (
     "strength of the concepts' UNet deltas, as a LoRA's weight in AUTOMATIC1111 or ComfyUI (1: as trained; "
     "the token rows stay as trained)"
+)
+SAMPLER_HELP = (
+    "sampling method, by ComfyUI's name (A1111's DDIM, Euler, Euler a, DPM++ 2M, UniPC), on the model's own "
+    "noise schedule (default: the model's scheduler; the toy model's is euler_ancestral)"
 )
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 
@@ -307,6 +312,7 @@ class GenerateConfig:
     n: int = option(4, "images per prompt")
     steps: int = option(50, "sampling steps")
     guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
+    sampler: Sampler | None = option(None, SAMPLER_HELP)
     seed: int = option(0, "seed of image 0; image i uses seed + i")
     model: Path | None = option(
         None, "diffusers Stable Diffusion folder or checkpoint file (default: the toy model)"
@@ -677,6 +683,7 @@ class EvalConfig:
     n: int = option(4, "samples per prompt")
     steps: int = option(50, "sampling steps")
     guidance: float | None = option(None, "classifier-free guidance scale (default: the model's, else 6)")
+    sampler: Sampler | None = option(None, SAMPLER_HELP)
     seed: int = option(0, "seed of sample 0 of each prompt")
     regions: bool | None = option(None, REGIONS_HELP)
     region_ratios: str | None = option(None, REGION_RATIOS_HELP)

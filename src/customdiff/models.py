@@ -21,9 +21,13 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from safetensors import SafetensorError, safe_open
@@ -204,6 +208,23 @@ def training_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+SAMPLERS = {  # config.Sampler's names; DPMSolverMultistepScheduler defaults to DPM++ 2M
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_ancestral": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "uni_pc": UniPCMultistepScheduler,
+}
+
+
+def use_sampler(pipe, sampler: str | None) -> None:
+    """Sample ``pipe`` with the named sampler (``config.Sampler``) on its model's noise schedule and
+    prediction type; None keeps the scheduler the model ships."""
+    if sampler is not None:
+        pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # the one-file checkpoints A1111 and ComfyUI keep
