@@ -6,7 +6,7 @@ captions of seen parts) and, separately, captions naming a held-out colour-shape
 (composition must generalise, not recall); and the class prompts that measure forgetting, which name
 no size ("a red star on a gray background").
 
-    python benchmarks/base_quality.py [--model PATH] [--n 4] [--steps 50]
+    python benchmarks/base_quality.py [--model PATH] [--n 4] [--steps 50] [--sampler NAME]
 """
 
 import argparse
@@ -63,11 +63,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's, else 6)")
+    parser.add_argument("--sampler", choices=sorted(models.SAMPLERS), help="(default: the model's scheduler)")
     parser.add_argument("--prompts", type=int, default=200, help="unseen prompts in all")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt choice and sampling")
     args = parser.parse_args()
 
     pipe = models.load_pipeline(args.model)
+    models.use_sampler(pipe, args.sampler)
     print("| prompts | n | background | colour | shape | size | all named | both colour+shape |")
     print("|---|---|---|---|---|---|---|---|")
     for name, prompts in prompt_sets(args.model, args.seed, args.prompts).items():
