@@ -50,7 +50,7 @@ def concept_share(images: list[np.ndarray], captions: list[str], signature: np.n
 def sdedit(
     img2img, images: list, captions: list[str], strength: float, guidance: float, n: int, seed: int
 ) -> list[np.ndarray]:
-    """``n`` SDEdit results per image (prompt-major), DDIM from the images noised to ``strength``."""
+    """``n`` SDEdit results per image (prompt-major), sampled from the images noised to ``strength``."""
     results = []
     for image, caption in zip(images, captions, strict=True):
         output = img2img(

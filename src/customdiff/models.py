@@ -206,8 +206,10 @@ def training_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**NOISE_SCHEDULE, clip_sample=False, prediction_type="epsilon")
 
 
-def sampling_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+def sampling_scheduler() -> EulerAncestralDiscreteScheduler:
+    """The toy model's sampler: ancestral, as the paper samples (DDIM at eta 1); on three concepts it drew
+    a concept beside a world object right 8 points more often than DDIM at eta 0 (docs/findings.md)."""
+    return EulerAncestralDiscreteScheduler(**NOISE_SCHEDULE, timestep_spacing="leading", steps_offset=1)
 
 
 SAMPLERS = {  # config.Sampler's names; DPMSolverMultistepScheduler defaults to DPM++ 2M
