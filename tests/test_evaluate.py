@@ -51,7 +51,8 @@ def test_eval_writes_the_papers_metrics_and_the_judges(run_cli, tiny_pipeline_di
     assert "| text_alignment |" in (tmp_path / "eval" / "eval.md").read_text() or "text_alignment" in out
     n_samples = 2 * (len(evaluate.toy_prompts(("<new1>",), ("star",)).concept) + 4)
     assert len(files.read_image_folder(tmp_path / "eval" / "samples" / "finetuned")) == n_samples
-    assert json.loads((tmp_path / "eval" / "run_config.json").read_text())["regions"] is False
+    recorded = json.loads((tmp_path / "eval" / "run_config.json").read_text())
+    assert recorded["regions"] is False and recorded["sampler"] == "euler_ancestral"  # the model's own
     assert EvalConfig(concept_run).regions is True  # the toy model draws a column a concept
 
 

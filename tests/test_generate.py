@@ -124,15 +124,17 @@ def test_every_sampler_keeps_the_models_noise_schedule_and_an_ancestral_one_its_
             assert pipe.scheduler.config[key] == shipped[key], (name, key)
     prompt = "a red star on a gray background"
     runs = {}
-    for sampler, batch in [("ddim", 2), ("euler_ancestral", 2), ("euler_ancestral", 1)]:
+    for sampler, batch in [("ddim", 2), ("euler_ancestral", 2), ("euler_ancestral", 1), (None, 1)]:
         out = tmp_path / f"{sampler}{batch}"
         code, stdout, _ = run_cli(
-            "generate", prompt, "--n", 2, "--steps", 3, "--model", tiny_pipeline_dir, "--sampler", sampler,
-            "--batch-size", batch, "-o", out,
+            "generate", prompt, "--n", 2, "--steps", 3, "--model", tiny_pipeline_dir, "--batch-size", batch,
+            "-o", out, *(["--sampler", sampler] if sampler else []),
         )  # fmt: skip
         assert code == 0, stdout
-        assert json.loads((out / "run_config.json").read_text())["sampler"] == sampler
+        recorded = json.loads((out / "run_config.json").read_text())["sampler"]
+        assert recorded == (sampler or "euler_ancestral")  # the model's own, named, when none was given
         runs[sampler, batch] = [np.asarray(Image.open(out / f"0000{i}.png")) for i in range(2)]
     assert not np.array_equal(runs["ddim", 2][1], runs["euler_ancestral", 2][1])
-    for one, two in zip(runs["euler_ancestral", 1], runs["euler_ancestral", 2], strict=True):
-        assert np.array_equal(one, two)  # the noise each step adds comes from the image's own seed
+    for run in [runs["euler_ancestral", 2], runs[None, 1]]:
+        for one, two in zip(runs["euler_ancestral", 1], run, strict=True):
+            assert np.array_equal(one, two)  # the noise each step adds comes from the image's own seed

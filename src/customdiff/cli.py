@@ -6,6 +6,7 @@ bug and keeps its traceback.
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shlex
 import sys
@@ -107,7 +108,7 @@ def generate(config: GenerateConfig) -> None:
     layout = regions.parse_layout(config.region_ratios)
     files.prepare_output_dir(config.out)
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
-    models.use_sampler(pipe, config.sampler)
+    config = dataclasses.replace(config, sampler=models.use_sampler(pipe, config.sampler))  # recorded
     applied = None
     if config.concept:
         from customdiff.concept import apply_concept

@@ -28,7 +28,7 @@ TOY_MODEL_DIR = Path(__file__).parent / "toy_model"
 MODEL_DEFAULTS_FILE = "customdiff_defaults.toml"  # beside a model: its own defaults, a table per command
 PAPER_GUIDANCE = 6.0  # the paper's scale, for a model that recommends none
 Mode = Literal["crossattn_kv", "crossattn", "full", "token"]
-Sampler = Literal["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "uni_pc"]  # ComfyUI's names
+Sampler = Literal["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m", "uni_pc", "pndm"]  # ComfyUI's names
 # Learning rate per image by mode: the paper's for the weights; Textual Inversion's (diffusers' example)
 # for the token alone, which at the weights' rate would barely move
 DEFAULT_LR: dict[str, float] = {"crossattn_kv": 1e-5, "token": 5e-4}
@@ -52,8 +52,8 @@ CONCEPT_SCALE_HELP = (
     "the token rows stay as trained)"
 )
 SAMPLER_HELP = (
-    "sampling method, by ComfyUI's name (A1111's DDIM, Euler, Euler a, DPM++ 2M, UniPC), on the model's own "
-    "noise schedule (default: the model's scheduler; the toy model's is euler_ancestral)"
+    "sampling method, by ComfyUI's name (A1111's DDIM, Euler, Euler a, DPM++ 2M, UniPC; pndm: SD 1.x's own), "
+    "on the model's own noise schedule (default: the model's scheduler; the toy model's is euler_ancestral)"
 )
 TRIGGER_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")  # a prompt word and a file name anywhere
 

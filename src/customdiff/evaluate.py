@@ -280,7 +280,7 @@ def run_eval(config: EvalConfig) -> dict[str, float]:
         for token, folder in zip(loaded.tokens, folders, strict=True)
     }
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
-    models.use_sampler(pipe, config.sampler)
+    config = dataclasses.replace(config, sampler=models.use_sampler(pipe, config.sampler))  # recorded
     if config.prompts is not None:
         prompts = prompts_from_file(config.prompts, loaded.tokens)
     elif all(word in toyworld.SHAPES for word in loaded.class_words):

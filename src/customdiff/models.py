@@ -24,6 +24,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -219,14 +220,17 @@ SAMPLERS = {  # config.Sampler's names; DPMSolverMultistepScheduler defaults to 
     "euler_ancestral": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "uni_pc": UniPCMultistepScheduler,
+    "pndm": PNDMScheduler,  # Stable Diffusion 1.x's own (A1111's PLMS)
 }
 
 
-def use_sampler(pipe, sampler: str | None) -> None:
+def use_sampler(pipe, sampler: str | None) -> str | None:
     """Sample ``pipe`` with the named sampler (``config.Sampler``) on its model's noise schedule and
-    prediction type; None keeps the scheduler the model ships."""
+    prediction type; None keeps the scheduler the model ships. Returns the name of the sampler it now
+    uses, for the run's config to record (None for a scheduler ``SAMPLERS`` does not name)."""
     if sampler is not None:
         pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+    return next((name for name, cls in SAMPLERS.items() if type(pipe.scheduler) is cls), None)
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # the one-file checkpoints A1111 and ComfyUI keep
