@@ -226,6 +226,31 @@ def test_masked_mse_averages_only_where_the_mask_is_on():
     assert finetune.masked_mse(prediction, target, mask).item() == pytest.approx((1 + 0.25) / 2)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_each_sample_by_its_capped_snr(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    seen = {}
+
+    def unet(noisy, timesteps, states, added_cond_kwargs=None):  # predicts 0: the loss is the target's
+        seen.update(noisy=noisy, timesteps=timesteps)
+        return type("Output", (), {"sample": torch.zeros_like(noisy)})
+
+    latents, masks = torch.zeros(64, 4, 2, 2), torch.ones(64, 1, 2, 2)
+    plain = finetune.diffusion_loss(unet, scheduler, latents, masks, None, None, torch.Generator())
+    gamma = 5.0
+    weighted = finetune.diffusion_loss(
+        unet, scheduler, latents, masks, None, None, torch.Generator(), None, gamma
+    )
+    alpha_bar = scheduler.alphas_cumprod[seen["timesteps"]]
+    noise = seen["noisy"] / (1 - alpha_bar).sqrt()[:, None, None, None]  # the latents are 0
+    target = noise if prediction_type == "epsilon" else -alpha_bar.sqrt()[:, None, None, None] * noise
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    expected = (weights * target.square().mean((1, 2, 3))).mean()
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert 0.2 * plain < weighted < plain  # low-noise steps weigh less; 64 draws hold some
+
+
 def fixed_batch_loss(pipe, concept_dir) -> float:
     """The loss on 4 unaugmented views × 4 noise draws, the same draws every call."""
     examples = data.load_examples(concept_dir, data.resolution(pipe), "<new1>", "star")
@@ -339,6 +364,8 @@ def test_config_rejects_inconsistent_flags(concept_dir):
         FinetuneConfig(concept_dir, "star", reg="none", prior_loss_weight=0.5)
     with pytest.raises(CustomDiffError, match="--prior-loss-weight -1"):
         FinetuneConfig(concept_dir, "star", prior_loss_weight=-1)
+    with pytest.raises(CustomDiffError, match="--snr-gamma 0"):
+        FinetuneConfig(concept_dir, "star", snr_gamma=0)
     with pytest.raises(CustomDiffError, match="--mode crossattn_kv"):
         FinetuneConfig(concept_dir, "star", mode="full", refit_weight=1.0)
     assert FinetuneConfig(concept_dir, "star", mode="full").refit_weight == 0  # the toy default is K/V's

@@ -427,6 +427,12 @@ class FinetuneConfig:
         "weight of the regularization images' loss against the target views' (0: partners of the "
         "two-object views only)",
     )
+    snr_gamma: float | None = option(
+        None,
+        "Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5 there): each timestep's loss "
+        "weighted by min(SNR, gamma) / SNR (/ (SNR + 1) for v-prediction), so that low-noise steps weigh "
+        "less (default: off, as the paper)",
+    )
     refit_weight: float | None = option(
         None,
         "crossattn_kv: after training, refit the K/V deltas in closed form, as a merge of the concept alone, "
@@ -555,6 +561,8 @@ class FinetuneConfig:
             raise CustomDiffError(
                 f"--prior-loss-weight {self.prior_loss_weight}: pass a weight of 0 or above"
             )
+        if self.snr_gamma is not None and not 0 < self.snr_gamma < math.inf:
+            raise CustomDiffError(f"--snr-gamma {self.snr_gamma}: pass a positive number, e.g. 5")
         if self.prior_loss_weight != 1 and self.reg == "none":
             raise CustomDiffError("--prior-loss-weight weighs regularization images: drop it or --reg none")
         if not 0 <= self.composed_views <= 1:

@@ -291,11 +291,13 @@ def diffusion_loss(
     added: dict | None,
     generator: torch.Generator,
     at_timesteps: Callable[[torch.Tensor], None] | None = None,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """The denoising loss at random timesteps (Eq. 1), masked; noise and timesteps from ``generator``.
 
     ``states``: the text features; ``added``: an SDXL UNet's extra inputs (``text.added_conditions``);
-    ``at_timesteps`` is told the drawn timesteps before the UNet runs.
+    ``at_timesteps`` is told the drawn timesteps before the UNet runs; ``snr_gamma`` weighs each sample
+    by Min-SNR-γ, the weight of the noise (or velocity) target that puts the loss on x₀ capped at γ.
     """
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = scheduler.config.num_train_timesteps
@@ -304,7 +306,14 @@ def diffusion_loss(
         at_timesteps(timesteps)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, states, added_cond_kwargs=added).sample
-    if scheduler.config.prediction_type == "v_prediction":
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, timesteps)
+        weights = snr.clamp(max=snr_gamma) / (snr + 1 if velocity else snr)
+        masks = masks * weights.to(masks)[:, None, None, None]
+    if velocity:
         return masked_mse(prediction, scheduler.get_velocity(latents, noise, timesteps), masks)
     return masked_mse(prediction, noise, masks)
 
@@ -732,8 +741,9 @@ def train(
 
                 added = text.added_conditions(unet.config, pooled, size)
                 loss = diffusion_loss(
-                    unet_step, scheduler, latents, masks, states, added, generator, at_timesteps
-                )
+                    unet_step, scheduler, latents, masks, states, added, generator, at_timesteps,
+                    config.snr_gamma,
+                )  # fmt: skip
             accelerator.backward(loss)
             if accelerator.num_processes > 1:
                 average_token_gradients(accelerator, parameters)
