@@ -364,8 +364,8 @@ def test_config_rejects_inconsistent_flags(concept_dir):
         FinetuneConfig(concept_dir, "star", reg="none", prior_loss_weight=0.5)
     with pytest.raises(CustomDiffError, match="--prior-loss-weight -1"):
         FinetuneConfig(concept_dir, "star", prior_loss_weight=-1)
-    with pytest.raises(CustomDiffError, match="--snr-gamma 0"):
-        FinetuneConfig(concept_dir, "star", snr_gamma=0)
+    with pytest.raises(CustomDiffError, match="--snr-gamma -5"):
+        FinetuneConfig(concept_dir, "star", snr_gamma=-5)
     with pytest.raises(CustomDiffError, match="--mode crossattn_kv"):
         FinetuneConfig(concept_dir, "star", mode="full", refit_weight=1.0)
     assert FinetuneConfig(concept_dir, "star", mode="full").refit_weight == 0  # the toy default is K/V's

@@ -367,7 +367,7 @@ class FinetuneConfig:
 
     command: ClassVar[str] = "train"
     model_settable: ClassVar[tuple[str, ...]] = (
-        "steps", "lr", "token_lr", "augment", "composed_views", "regional_views"
+        "steps", "lr", "token_lr", "augment", "composed_views", "regional_views", "snr_gamma"
     )  # fmt: skip
 
     images: Path | None = option(
@@ -431,7 +431,7 @@ class FinetuneConfig:
         None,
         "Min-SNR loss weighting (Hang et al. 2023; diffusers' --snr_gamma, 5 there): each timestep's loss "
         "weighted by min(SNR, gamma) / SNR (/ (SNR + 1) for v-prediction), so that low-noise steps weigh "
-        "less (default: off, as the paper)",
+        "less (0: off, as the paper; default: the model's, else 0)",
     )
     refit_weight: float | None = option(
         None,
@@ -513,7 +513,7 @@ class FinetuneConfig:
             object.__setattr__(self, "composed_views", 0.0)
         fallbacks = {
             "steps": 400, "lr": default_lr, "token_lr": None, "augment": True, "composed_views": 0.0,
-            "refit_weight": 0.0, "regional_views": False,
+            "refit_weight": 0.0, "regional_views": False, "snr_gamma": 0.0,
         }  # fmt: skip
         fill_from_model(self, fallbacks)
         if self.token_lr is None:  # the paper trains the rows at the weights' learning rate
@@ -561,8 +561,8 @@ class FinetuneConfig:
             raise CustomDiffError(
                 f"--prior-loss-weight {self.prior_loss_weight}: pass a weight of 0 or above"
             )
-        if self.snr_gamma is not None and not 0 < self.snr_gamma < math.inf:
-            raise CustomDiffError(f"--snr-gamma {self.snr_gamma}: pass a positive number, e.g. 5")
+        if not 0 <= self.snr_gamma < math.inf:
+            raise CustomDiffError(f"--snr-gamma {self.snr_gamma}: pass a positive number, e.g. 5, or 0 (off)")
         if self.prior_loss_weight != 1 and self.reg == "none":
             raise CustomDiffError("--prior-loss-weight weighs regularization images: drop it or --reg none")
         if not 0 <= self.composed_views <= 1:

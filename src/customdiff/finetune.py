@@ -742,7 +742,7 @@ def train(
                 added = text.added_conditions(unet.config, pooled, size)
                 loss = diffusion_loss(
                     unet_step, scheduler, latents, masks, states, added, generator, at_timesteps,
-                    config.snr_gamma,
+                    config.snr_gamma or None,
                 )  # fmt: skip
             accelerator.backward(loss)
             if accelerator.num_processes > 1:
