@@ -291,13 +291,13 @@ def diffusion_loss(
     added: dict | None,
     generator: torch.Generator,
     at_timesteps: Callable[[torch.Tensor], None] | None = None,
-    snr_gamma: float | None = None,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
     """The denoising loss at random timesteps (Eq. 1), masked; noise and timesteps from ``generator``.
 
     ``states``: the text features; ``added``: an SDXL UNet's extra inputs (``text.added_conditions``);
-    ``at_timesteps`` is told the drawn timesteps before the UNet runs; ``snr_gamma`` weighs each sample
-    by Min-SNR-γ, the weight of the noise (or velocity) target that puts the loss on x₀ capped at γ.
+    ``at_timesteps`` is told the drawn timesteps before the UNet runs; ``snr_gamma`` (0: off) weighs each
+    sample by Min-SNR-γ, the weight of the noise (or velocity) target that puts the loss on x₀ capped at γ.
     """
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     steps = scheduler.config.num_train_timesteps
@@ -307,7 +307,7 @@ def diffusion_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, states, added_cond_kwargs=added).sample
     velocity = scheduler.config.prediction_type == "v_prediction"
-    if snr_gamma is not None:
+    if snr_gamma:
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(scheduler, timesteps)
@@ -742,7 +742,7 @@ def train(
                 added = text.added_conditions(unet.config, pooled, size)
                 loss = diffusion_loss(
                     unet_step, scheduler, latents, masks, states, added, generator, at_timesteps,
-                    config.snr_gamma or None,
+                    config.snr_gamma,
                 )  # fmt: skip
             accelerator.backward(loss)
             if accelerator.num_processes > 1:
