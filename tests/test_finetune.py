@@ -366,7 +366,7 @@ def test_config_rejects_inconsistent_flags(concept_dir):
         FinetuneConfig(concept_dir, "star", prior_loss_weight=-1)
     with pytest.raises(CustomDiffError, match="--snr-gamma -5"):
         FinetuneConfig(concept_dir, "star", snr_gamma=-5)
-    assert FinetuneConfig(concept_dir, "star").snr_gamma == 5  # the toy model's default
+    assert FinetuneConfig(concept_dir, "star").snr_gamma == 20  # the toy model's default
     assert FinetuneConfig(concept_dir, "star", snr_gamma=0).snr_gamma == 0  # off, as the paper
     with pytest.raises(CustomDiffError, match="--mode crossattn_kv"):
         FinetuneConfig(concept_dir, "star", mode="full", refit_weight=1.0)
