@@ -141,6 +141,30 @@ def test_two_concept_prompts_are_judged_as_their_own_kind():
     )
 
 
+def test_a_joint_concepts_prompts_are_judged_per_concept_too():
+    concepts = {"<new1>": toyworld.get_concept("starfish"), "<new2>": toyworld.get_concept("donut")}
+    prompts = list(evaluate.toy_prompts(("<new1>", "<new2>"), ("star", "ring")).concept)
+    rng = np.random.default_rng(0)
+    renders = [  # the donut drawn as a plain ring: only the starfish present
+        toyworld.render(toyworld.parse_caption(p.replace("<new2>", "red")), rng, concepts) for p in prompts
+    ]
+    signatures = {token: toyjudge.builtin_signature(c.name) for token, c in concepts.items()}
+    scores = evaluate.judge_concept_prompts(renders, prompts, signatures)
+    assert scores["<new1>/judge_new_context_concept_present"] == 100
+    assert scores["<new2>/judge_new_context_concept_present"] == 0
+    assert scores["judge_new_context_concept_present"] == 50  # as many prompts each
+    assert scores["<new2>/judge_composed_context_right"] == 100
+    assert not any(key.startswith("<new") and "two_concepts" in key for key in scores)
+    one = [p for p in prompts if "<new2>" not in p]
+    assert evaluate.named_alone(one, ("<new1>", "<new2>")) == {}  # one concept's prompts: no split
+    rows = evaluate.report_rows("run", scores)
+    assert list(rows) == ["run", "run <new1>", "run <new2>"]
+    assert rows["run <new2>"]["judge_new_context_concept_present"] == 0
+    assert "judge_two_concepts_concept_present" in rows["run"]
+    table = evaluate.markdown_table(rows)
+    assert "| run <new2> |" in table and "/" not in table.splitlines()[0]
+
+
 def test_training_folders_are_read_from_single_joint_and_merged_concepts(tmp_path):
     def made(config: dict, tokens: tuple[str, ...]) -> concept.Concept:
         return concept.Concept("abc", "crossattn_kv", tokens, ("star",) * len(tokens), ("ktn",) * len(tokens),

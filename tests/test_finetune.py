@@ -501,6 +501,13 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     trained = zip(joint.token_embeddings, initial, strict=True)
     assert all(not torch.equal(row, start) for row, start in trained)  # every token's row trains
     assert (tmp_path / "joint" / "<new2>.safetensors").is_file()
+    code, out, err = run_cli(
+        "eval", tmp_path / "joint", "--model", tiny_pipeline_dir, "--n", 2, "--steps", 2, "-o", tmp_path / "e"
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "e" / "eval.json").read_text())  # each concept's own prompts too
+    assert {"<new1>/image_alignment", "<new2>/text_alignment"} <= set(metrics)
+    assert "| joint <new2> |" in out and "| joint <new2> |" in (tmp_path / "e" / "eval.md").read_text()
 
     listing = tmp_path / "concepts.json"
     listing.write_text(

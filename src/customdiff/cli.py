@@ -161,7 +161,7 @@ def evaluate(config: EvalConfig) -> None:
     from customdiff import evaluate as evaluation
 
     metrics = evaluation.run_eval(config)
-    print(evaluation.markdown_table({config.concept.name: metrics}), end="")
+    print(evaluation.markdown_table(evaluation.report_rows(config.concept.name, metrics)), end="")
     print(f"wrote eval.json, eval.md and the samples to {config.out}")
 
 

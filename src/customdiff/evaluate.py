@@ -137,6 +137,18 @@ def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -
     return float(np.mean(estimates))
 
 
+def named_alone(prompts: list[str], tokens: tuple[str, ...]) -> dict[str, list[int]]:
+    """Token → the indices of ``prompts`` that name it and no other token, when the prompts name two or
+    more tokens so (a joint or merged concept's prompts); else empty. Pooled, a concept drawn well hides
+    one drawn badly: a joint run's tile and beachball read 42% together, the beachball alone 16%."""
+    groups = {
+        token: [i for i, p in enumerate(prompts) if [t for t in tokens if t in p.split()] == [token]]
+        for token in tokens
+    }
+    groups = {token: indices for token, indices in groups.items() if indices}
+    return groups if len(groups) > 1 else {}
+
+
 def prompt_kind(prompt: str, tokens: tuple[str, ...]) -> str:
     """``new_context`` (a concept alone), ``composed`` (with a world object) or ``two_concepts``."""
     named = sum(token in prompt.split() for token in tokens)
@@ -148,26 +160,29 @@ def prompt_kind(prompt: str, tokens: tuple[str, ...]) -> str:
 def judge_concept_prompts(
     images: list[np.ndarray], prompts: list[str], signatures: dict[str, np.ndarray]
 ) -> dict[str, float]:
-    """Shares (%) of samples with the concepts present, the context right, and both, per prompt kind.
+    """Shares (%) of samples with the concepts present, the context right, and both, per prompt kind;
+    with several concepts also per concept, as ``TOKEN/judge_…`` (``named_alone``).
 
     A concept is present when its object has the right shape and its pattern; the context is everything
     else the prompt names (background, a world object's colour and shape).
     """
     kinds: dict[str, dict[str, list[bool]]] = {}
-    for image, prompt in zip(images, prompts, strict=True):
+    alone = {i: token for token, indices in named_alone(prompts, tuple(signatures)).items() for i in indices}
+    for index, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
         checks = toyjudge.score(image, prompt, signatures).checks
         concept_keys = [key for key in checks if key.endswith(".concept")]
         concept_objects = {key.split(".")[0] for key in concept_keys}
         concept_ok = all(checks[key] and checks[key.replace(".concept", ".shape")] for key in concept_keys)
         context_keys = [key for key in checks if key != "count" and key.split(".")[0] not in concept_objects]
         context_ok = all(checks[key] for key in context_keys)
-        kind = prompt_kind(prompt, tuple(signatures))
-        shares = kinds.setdefault(kind, {"concept_present": [], "context_right": [], "all_right": []})
-        shares["concept_present"].append(concept_ok)
-        shares["context_right"].append(context_ok)
-        shares["all_right"].append(concept_ok and context_ok and checks["count"])
+        kind = f"judge_{prompt_kind(prompt, tuple(signatures))}"
+        for group in [kind, f"{alone[index]}/{kind}"] if index in alone else [kind]:
+            shares = kinds.setdefault(group, {"concept_present": [], "context_right": [], "all_right": []})
+            shares["concept_present"].append(concept_ok)
+            shares["context_right"].append(context_ok)
+            shares["all_right"].append(concept_ok and context_ok and checks["count"])
     return {
-        f"judge_{kind}_{name}": 100 * float(np.mean(values))
+        f"{kind}_{name}": 100 * float(np.mean(values))
         for kind, shares in kinds.items()
         for name, values in shares.items()
     }
@@ -232,15 +247,19 @@ def evaluate(
     sample_features = clip.images(tuned_concept)
     stripped = [data.strip_tokens(prompt, list(loaded.tokens)) for prompt in concept_prompts]
     target_features = {token: clip.images(images) for token, images in targets.items()}
-    image_alignment = [  # to the training images of each concept the prompt names
+    image_alignment = np.array([  # to the training images of each concept the prompt names
         float(np.mean([(features @ target_features[t].T).mean() for t in targets if t in prompt.split()]))
         for features, prompt in zip(sample_features, concept_prompts, strict=True)
-    ]
+    ])  # fmt: skip
+    text_alignment = (sample_features * clip.texts(stripped)).sum(-1).numpy()
     metrics = {
-        "text_alignment": float((sample_features * clip.texts(stripped)).sum(-1).mean()),
-        "image_alignment": float(np.mean(image_alignment)),
+        "text_alignment": float(text_alignment.mean()),
+        "image_alignment": float(image_alignment.mean()),
         "kid_x1000": 1000 * kernel_inception_distance(clip.images(base), clip.images(tuned_class), seed),
     }
+    for token, indices in named_alone(concept_prompts, loaded.tokens).items():
+        metrics[f"{token}/text_alignment"] = float(text_alignment[indices].mean())
+        metrics[f"{token}/image_alignment"] = float(image_alignment[indices].mean())
     toy_sized = tuned_concept[0].shape[:2] == (toyworld.IMAGE_SIZE, toyworld.IMAGE_SIZE)
     if toy_sized and all(is_toy_caption(p) for p in prompts.concept + prompts.classes):
         signatures = {token: toyjudge.concept_signature(images) for token, images in targets.items()}
@@ -332,7 +351,17 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_rows(name: str, metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``evaluate``'s metrics as table rows: ``name`` for all prompts, then ``name TOKEN`` for each concept's
+    own prompts (its ``TOKEN/…`` metrics)."""
+    rows: dict[str, dict[str, float]] = {name: {}}
+    for key, value in metrics.items():
+        token, _, metric = key.rpartition("/")
+        rows.setdefault(f"{name} {token}" if token else name, {})[metric] = value
+    return rows
+
+
 def write_report(out: Path, name: str, metrics: dict[str, float]) -> None:
     """``eval.json`` and ``eval.md`` in ``out``, written atomically."""
     files.atomic_write_text(Path(out) / "eval.json", json.dumps(metrics, indent=2) + "\n")
-    files.atomic_write_text(Path(out) / "eval.md", markdown_table({name: metrics}))
+    files.atomic_write_text(Path(out) / "eval.md", markdown_table(report_rows(name, metrics)))
