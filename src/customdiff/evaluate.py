@@ -140,7 +140,7 @@ def kernel_inception_distance(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -
 def named_alone(prompts: list[str], tokens: tuple[str, ...]) -> dict[str, list[int]]:
     """Token → the indices of ``prompts`` that name it and no other token, when the prompts name two or
     more tokens so (a joint or merged concept's prompts); else empty. Pooled, a concept drawn well hides
-    one drawn badly: a joint run's tile and beachball read 42% together, the beachball alone 16%."""
+    one drawn badly: a joint run's tile and beachball read 42% together, the beachball's own prompts 16%."""
     groups = {
         token: [i for i, p in enumerate(prompts) if [t for t in tokens if t in p.split()] == [token]]
         for token in tokens
