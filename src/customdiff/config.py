@@ -425,7 +425,7 @@ class FinetuneConfig:
     prior_loss_weight: float = option(
         1.0,
         "weight of the regularization images' loss against the target views' (0: partners of the "
-        "two-object views only; a joint run of n concepts gives each class's images W/n)",
+        "two-object views only)",
     )
     snr_gamma: float | None = option(
         None,

@@ -326,21 +326,19 @@ def sample_batch(
     prior_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Latents (B, C, h, w), masks (B, 1, h, w), captions: target views, then regularization images, whose
-    masks hold ``prior_loss_weight`` over the number of concepts (``masked_mse``).
+    masks hold ``prior_loss_weight`` (``masked_mse``).
 
     Every concept gets ``batch_size`` images, with regularization half target views and half images of its
     own class, so a joint run gives each concept the step it would get alone (§3.2, joint training): one
     shared batch, each concept holding a share of it, drew the concepts in new contexts in 33.9% of
-    samples against 58.9%. The K/V are shared, so every class's images hold back every concept's change;
-    weighed 1/n, they hold a concept back as hard as its own class alone would: a tile and a beachball
-    trained jointly showed in 48.6% of new-context samples against 39.7% at full weight (docs/findings.md).
+    samples against 58.9% (docs/findings.md).
     """
     n_reg = batch_size // 2 if regs[0] is not None else 0
     pools = [pool for pool in targets for _ in range(batch_size - n_reg)]
     pools += [pool for pool in regs for _ in range(n_reg)]
     drawn = [pool.take(torch.randint(len(pool), (1,), generator=generator)) for pool in pools]
     latents, masks = torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
-    masks[len(pools) - n_reg * len(regs) :] *= prior_loss_weight / len(regs)
+    masks[len(pools) - n_reg * len(regs) :] *= prior_loss_weight
     return latents, masks, [caption for d in drawn for caption in d[2]]
 
 
