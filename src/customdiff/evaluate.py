@@ -141,12 +141,12 @@ def named_alone(prompts: list[str], tokens: tuple[str, ...]) -> dict[str, list[i
     """Token → the indices of ``prompts`` that name it and no other token, when the prompts name two or
     more tokens so (a joint or merged concept's prompts); else empty. Pooled, a concept drawn well hides
     one drawn badly: a joint run's tile and beachball read 42% together, the beachball's own prompts 16%."""
-    groups = {
-        token: [i for i, p in enumerate(prompts) if [t for t in tokens if t in p.split()] == [token]]
-        for token in tokens
-    }
-    groups = {token: indices for token, indices in groups.items() if indices}
-    return groups if len(groups) > 1 else {}
+    groups: dict[str, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        named = [token for token in tokens if token in prompt.split()]
+        if len(named) == 1:
+            groups.setdefault(named[0], []).append(index)
+    return {token: groups[token] for token in tokens if token in groups} if len(groups) > 1 else {}
 
 
 def prompt_kind(prompt: str, tokens: tuple[str, ...]) -> str:
