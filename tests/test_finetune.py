@@ -307,6 +307,46 @@ def test_a_resumed_run_ends_where_a_straight_run_ends(tiny_pipeline_dir, concept
     assert torch.equal(concept.load_concept(resumed).token_embeddings, b.token_embeddings)
 
 
+def test_init_from_starts_a_run_at_a_concept_checked_before_any_work(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    first = concept.load_concept(
+        finetune.train(config_for(concept_dir, tmp_path / "first"), models.load_pipeline(tiny_pipeline_dir))
+    )
+    start = tmp_path / "first" / concept.CONCEPT_FILE
+    still = concept.load_concept(  # at a negligible learning rate a run ends where it started
+        finetune.train(
+            config_for(concept_dir, tmp_path / "still", init_from=start, lr=1e-12, token_lr=1e-12),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+    )
+    torch.testing.assert_close(still.token_embeddings, first.token_embeddings, rtol=0, atol=1e-9)
+    for name, delta in first.deltas.items():
+        torch.testing.assert_close(still.deltas[name], delta, rtol=0, atol=1e-9)
+    further = concept.load_concept(
+        finetune.train(
+            config_for(concept_dir, tmp_path / "further", init_from=start),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+    )
+    moved = [name for name, delta in first.deltas.items() if not torch.equal(further.deltas[name], delta)]
+    assert moved and not torch.equal(further.token_embeddings, first.token_embeddings)
+    foreign = tmp_path / "foreign"
+    concept.save_concept(foreign, dataclasses.replace(first, base_hash="0" * 16))
+    wrong = [
+        (dict(token="<new2>"), start, "holds <new1>, this run trains <new2>; train the same tokens"),
+        (dict(mode="token"), start, "is a crossattn_kv concept, with tensors --mode token does not train"),
+        ({}, foreign, "was trained on base 0000000000000000, not on this model"),
+    ]
+    for changes, path, message in wrong:
+        with pytest.raises(CustomDiffError, match=message):
+            finetune.train(
+                config_for(concept_dir, tmp_path / "wrong", init_from=path, **changes),
+                models.load_pipeline(tiny_pipeline_dir),
+            )
+        assert not (tmp_path / "wrong" / concept.CONCEPT_FILE).exists()
+
+
 def test_save_every_keeps_each_steps_concept_as_a_run_that_long_ends(
     tiny_pipeline_dir, concept_dir, tmp_path
 ):

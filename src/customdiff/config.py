@@ -399,6 +399,13 @@ class FinetuneConfig:
     )
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     token: str = option("<new1>", "modifier token that names the concept in captions and prompts")
+    init_from: Path | None = option(
+        None,
+        "start the trained tensors from a concept of the same tokens and base model instead of the base "
+        "(its deltas and token rows; the optimizer starts afresh): train a concept further, or a merge of "
+        'concepts trained apart jointly (README, "Several concepts")',
+        metavar="CONCEPT",
+    )
     initializer: str | None = option(
         None,
         "rare word (one token) whose embedding starts the modifier token's (default: one per token, "

@@ -563,7 +563,8 @@ def refit(pipe, result: concept.Concept, config: FinetuneConfig) -> tuple[concep
 
 
 def set_unet_deltas(parameters: dict, base: dict, deltas: dict[str, torch.Tensor]) -> None:
-    """Set the trained UNet tensors to ``base + deltas`` (a refit's), so that the UNet holds the concept."""
+    """Set the trained UNet tensors to ``base + deltas`` (a refit's, or the ``--init-from`` concept's), so
+    that the UNet holds the concept."""
     with torch.no_grad():
         for name, delta in deltas.items():
             parameters[name].copy_(base[name] + delta.to(base[name]))
@@ -595,6 +596,29 @@ def check_prompts(tokenizer, config: FinetuneConfig) -> None:
             models.check_prompt(tokenizer, spec.class_word)
         except CustomDiffError as error:
             raise CustomDiffError(f"the class word of {spec.images}: {error}") from None
+
+
+def starting_concept(pipe, config: FinetuneConfig, tokens: list[str]) -> concept.Concept | None:
+    """The concept ``--init-from`` names (None without it), checked against this run before any work.
+
+    Raises:
+        CustomDiffError: it is of another base model, holds other tokens, or deltas the mode does not train.
+    """
+    if config.init_from is None:
+        return None
+    start = concept.load_concept(config.init_from)
+    concept.check_base(pipe, start, "--init-from a concept of this model")
+    if start.tokens != tuple(tokens):
+        raise CustomDiffError(
+            f"--init-from {config.init_from} holds {' '.join(start.tokens)}, this run trains "
+            f"{' '.join(tokens)}; train the same tokens in the same order (--token, or --concept's order)"
+        )
+    if any(not MODE_PREDICATES[config.mode](name) for name in start.deltas):
+        raise CustomDiffError(
+            f"--init-from {config.init_from} is a {start.mode} concept, with tensors --mode {config.mode} "
+            f"does not train; pass --mode {start.mode}"
+        )
+    return start
 
 
 def write_concept(folder: Path, result: concept.Concept, unet) -> None:
@@ -641,6 +665,7 @@ def train(
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
     check_prompts(pipe.tokenizer, config)
+    start = starting_concept(pipe, config, tokens)
     with accelerator.main_process_first():  # one process fills the regularization cache, the rest read it
         captions, targets, regs = prepare_data(config, pipe)
     prompts = list(config.preview_prompts) or preview_prompts(captions, tokens)
@@ -668,6 +693,11 @@ def train(
         parameters = trainable_parameters(unet, encoders, config.mode)
         base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
         stack.enter_context(start_detached(unet, reads, base))
+        if start is not None:  # a resumed run's checkpoint overwrites this below
+            set_unet_deltas(parameters, base, start.deltas)
+            with torch.no_grad():
+                for embedding, rows in zip(embeddings, start.token_rows(), strict=True):
+                    getattr(embedding, NEW_ROWS).copy_(rows)
         for parameter in parameters.values():
             parameter.requires_grad_(True)
         optimizer = make_optimizer(parameters, config)
