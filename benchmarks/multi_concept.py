@@ -84,7 +84,7 @@ def main() -> None:
         refined = trained(
             "joint_from_merge",
             concept=both_concepts,
-            init_from=concept.save_concept(work / "merged", merged),
+            init_from=(concept.save_concept(work / "merged", merged),),
             steps=refine_steps,
         )
         small = [  # fitted as customdiff compress fits

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 
 from customdiff import cli, concept, data, export, files, finetune, merge, models, regions, text, toyworld
-from customdiff.config import FinetuneConfig
+from customdiff.config import FinetuneConfig, MergeConfig
 from customdiff.errors import CustomDiffError
 
 
@@ -26,10 +26,12 @@ def concept_dir(tmp_path_factory):
     return folder
 
 
+# composed_views: the tiny model's 32² images hold no toy scenes to compose
+TINY_RUN = dict(reg="none", steps=2, lr=1e-2, batch_size=2, checkpoint_every=100, composed_views=0.0)
+
+
 def config_for(concept_dir, out, **changes) -> FinetuneConfig:
-    # composed_views: the tiny model's 32² images hold no toy scenes to compose
-    settings = dict(reg="none", steps=2, lr=1e-2, batch_size=2, checkpoint_every=100, composed_views=0.0)
-    return FinetuneConfig(concept_dir, "star", out=out, **{**settings, **changes})
+    return FinetuneConfig(concept_dir, "star", out=out, **{**TINY_RUN, **changes})
 
 
 def snapshot(pipe) -> dict[str, torch.Tensor]:
@@ -316,7 +318,7 @@ def test_init_from_starts_a_run_at_a_concept_checked_before_any_work(
     start = tmp_path / "first" / concept.CONCEPT_FILE
     still = concept.load_concept(  # at a negligible learning rate a run ends where it started
         finetune.train(
-            config_for(concept_dir, tmp_path / "still", init_from=start, lr=1e-12, token_lr=1e-12),
+            config_for(concept_dir, tmp_path / "still", init_from=(start,), lr=1e-12, token_lr=1e-12),
             models.load_pipeline(tiny_pipeline_dir),
         )
     )
@@ -325,7 +327,7 @@ def test_init_from_starts_a_run_at_a_concept_checked_before_any_work(
         torch.testing.assert_close(still.deltas[name], delta, rtol=0, atol=1e-9)
     further = concept.load_concept(
         finetune.train(
-            config_for(concept_dir, tmp_path / "further", init_from=start),
+            config_for(concept_dir, tmp_path / "further", init_from=(start,)),
             models.load_pipeline(tiny_pipeline_dir),
         )
     )
@@ -341,10 +343,41 @@ def test_init_from_starts_a_run_at_a_concept_checked_before_any_work(
     for changes, path, message in wrong:
         with pytest.raises(CustomDiffError, match=message):
             finetune.train(
-                config_for(concept_dir, tmp_path / "wrong", init_from=path, **changes),
+                config_for(concept_dir, tmp_path / "wrong", init_from=(path,), **changes),
                 models.load_pipeline(tiny_pipeline_dir),
             )
         assert not (tmp_path / "wrong" / concept.CONCEPT_FILE).exists()
+
+
+def test_init_from_several_concepts_starts_a_joint_run_at_their_merge(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    ring_dir = tmp_path / "donut"
+    files.write_image_folder(
+        ring_dir, toyworld.concept_scenes(toyworld.get_concept("donut"), 4, token="<new2>")
+    )
+    apart = [
+        finetune.train(config, models.load_pipeline(tiny_pipeline_dir))
+        for config in (
+            config_for(concept_dir, tmp_path / "star"),
+            FinetuneConfig(ring_dir, "ring", token="<new2>", out=tmp_path / "ring", **TINY_RUN),
+        )
+    ]
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    merge_config = MergeConfig(tuple(apart))
+    merged, _ = merge.merge_loaded(pipe, merge.load_mergeable(merge_config)[0], merge_config)
+    joint = FinetuneConfig(
+        concept=(f"{concept_dir}:star", f"{ring_dir}:ring"), out=tmp_path / "joint", init_from=tuple(apart),
+        **{**TINY_RUN, "lr": 1e-12, "token_lr": 1e-12},
+    )  # fmt: skip
+    still = concept.load_concept(finetune.train(joint, pipe))
+    torch.testing.assert_close(still.token_embeddings, merged.token_embeddings, rtol=0, atol=1e-9)
+    for name, delta in merged.deltas.items():  # float32 rounding of (base + delta) − base
+        torch.testing.assert_close(still.deltas[name], delta, rtol=0, atol=1e-6)
+    assert not still.parts  # a trained concept, no longer the merge's parts
+    swapped = dataclasses.replace(joint, init_from=tuple(reversed(apart)), out=tmp_path / "swapped")
+    with pytest.raises(CustomDiffError, match="holds <new2> <new1>, this run trains <new1> <new2>"):
+        finetune.train(swapped, models.load_pipeline(tiny_pipeline_dir))
 
 
 def test_save_every_keeps_each_steps_concept_as_a_run_that_long_ends(

@@ -399,11 +399,12 @@ class FinetuneConfig:
     )
     model_config: Path | None = option(None, MODEL_CONFIG_HELP)
     token: str = option("<new1>", "modifier token that names the concept in captions and prompts")
-    init_from: Path | None = option(
-        None,
+    init_from: tuple[Path, ...] = option(
+        (),
         "start the trained tensors from a concept of the same tokens and base model instead of the base "
-        "(its deltas and token rows; the optimizer starts afresh): train a concept further, or a merge of "
-        'concepts trained apart jointly (README, "Several concepts")',
+        "(its deltas and token rows; the optimizer starts afresh): train a concept further, or concepts "
+        "trained apart jointly from their merge; several are merged first as customdiff merge merges them "
+        '(its defaults) (README, "Several concepts")',
         metavar="CONCEPT",
     )
     initializer: str | None = option(

@@ -30,7 +30,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm.auto import tqdm
 
 from customdiff import concept, data, export, files, generate, merge, models, regions, text
-from customdiff.config import FinetuneConfig, Mode, save_config
+from customdiff.config import FinetuneConfig, MergeConfig, Mode, save_config
 from customdiff.errors import CustomDiffError
 
 NEW_ROWS = "new_token_rows"  # the trainable parameter holding the modifier tokens' embedding rows
@@ -599,23 +599,29 @@ def check_prompts(tokenizer, config: FinetuneConfig) -> None:
 
 
 def starting_concept(pipe, config: FinetuneConfig, tokens: list[str]) -> concept.Concept | None:
-    """The concept ``--init-from`` names (None without it), checked against this run before any work.
+    """The concept ``--init-from`` names, or the merge of the several it names (None without it), checked
+    against this run before any work.
 
     Raises:
         CustomDiffError: it is of another base model, holds other tokens, or deltas the mode does not train.
     """
-    if config.init_from is None:
+    if not config.init_from:
         return None
-    start = concept.load_concept(config.init_from)
+    named = " ".join(str(path) for path in config.init_from)
+    if len(config.init_from) == 1:
+        start = concept.load_concept(config.init_from[0])
+    else:
+        merge_config = MergeConfig(config.init_from)
+        start, _ = merge.merge_loaded(pipe, merge.load_mergeable(merge_config)[0], merge_config)
     concept.check_base(pipe, start, "--init-from a concept of this model")
     if start.tokens != tuple(tokens):
         raise CustomDiffError(
-            f"--init-from {config.init_from} holds {' '.join(start.tokens)}, this run trains "
-            f"{' '.join(tokens)}; train the same tokens in the same order (--token, or --concept's order)"
+            f"--init-from {named} holds {' '.join(start.tokens)}, this run trains {' '.join(tokens)}; "
+            "train the same tokens in the same order (--token, or --concept's order)"
         )
     if any(not MODE_PREDICATES[config.mode](name) for name in start.deltas):
         raise CustomDiffError(
-            f"--init-from {config.init_from} is a {start.mode} concept, with tensors --mode {config.mode} "
+            f"--init-from {named} is a {start.mode} concept, with tensors --mode {config.mode} "
             f"does not train; pass --mode {start.mode}"
         )
     return start
