@@ -380,6 +380,42 @@ def test_init_from_several_concepts_starts_a_joint_run_at_their_merge(
         finetune.train(swapped, models.load_pipeline(tiny_pipeline_dir))
 
 
+def test_a_joint_run_trains_each_concept_alone_then_all_from_their_merge(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
+    ring_dir = tmp_path / "donut"
+    files.write_image_folder(
+        ring_dir, toyworld.concept_scenes(toyworld.get_concept("donut"), 4, token="<new2>")
+    )
+    both = (f"{concept_dir}:star", f"{ring_dir}:ring")
+    joint = FinetuneConfig(concept=both, out=tmp_path / "joint", **{**TINY_RUN, "steps": 4})
+    result = concept.load_concept(finetune.train(joint, models.load_pipeline(tiny_pipeline_dir)))
+    apart = [tmp_path / "joint" / "apart" / name for name in ("new1", "new2")]
+    for folder, token in zip(apart, ("<new1>", "<new2>"), strict=True):
+        alone = concept.load_concept(folder)
+        assert alone.tokens == (token,) and alone.config["steps"] == 4
+    assert result.tokens == ("<new1>", "<new2>") and result.config["steps"] == 2  # half, from the merge
+    assert result.config["init_from"] == [str(folder) for folder in apart]
+    by_hand = concept.load_concept(
+        finetune.train(
+            dataclasses.replace(joint, init_from=tuple(apart), steps=2, out=tmp_path / "by_hand"),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+    )
+    again = concept.load_concept(finetune.train(joint, models.load_pipeline(tiny_pipeline_dir)))  # resumed
+    from_base = concept.load_concept(
+        finetune.train(
+            dataclasses.replace(joint, joint_start="base", out=tmp_path / "base"),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+    )
+    for other in (by_hand, again):
+        assert torch.equal(other.token_embeddings, result.token_embeddings)
+        assert all(torch.equal(other.deltas[name], delta) for name, delta in result.deltas.items())
+    assert from_base.config["steps"] == 4 and not (tmp_path / "base" / "apart").exists()
+    assert not torch.equal(from_base.token_embeddings, result.token_embeddings)
+
+
 def test_save_every_keeps_each_steps_concept_as_a_run_that_long_ends(
     tiny_pipeline_dir, concept_dir, tmp_path
 ):
@@ -559,7 +595,7 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     common += ["--reg", "generate", "--num-reg", "2", "--cache-dir", tmp_path / "cache"]
     code, _, err = run_cli(
         "train", "--concept", f"{concept_dir}:star", "--concept", f"{ring_dir}:ring", *common,
-        "--refit-weight", "1", "-o", tmp_path / "joint",
+        "--refit-weight", "1", "--joint-start", "base", "-o", tmp_path / "joint",
     )  # fmt: skip
     assert code == 0, err
     joint = concept.load_concept(tmp_path / "joint")
@@ -589,8 +625,10 @@ def test_joint_training_learns_every_concept_from_flags_or_a_concepts_list(
     )
     code, _, err = run_cli("train", "--concepts-list", listing, *common, "-o", tmp_path / "listed")
     assert code == 0, err
-    listed = concept.load_concept(tmp_path / "listed")
+    listed = concept.load_concept(tmp_path / "listed")  # from the merge of each trained alone (the default)
     assert listed.tokens == ("<new1>", "<new2>") and listed.initializers == ("ktn", "sks")
+    alone = [concept.load_concept(tmp_path / "listed" / "apart" / name) for name in ("new1", "new2")]
+    assert [one.initializers for one in alone] == [("ktn",), ("sks",)]
 
     both = ["--images", concept_dir, "--concept", f"{ring_dir}:ring"]
     code, _, err = run_cli("train", *both, "-o", tmp_path / "x")

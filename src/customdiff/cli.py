@@ -148,6 +148,8 @@ def train(config: FinetuneConfig) -> None:
     from customdiff.concept import load_concept
 
     path = finetune.train(config)
+    if config.trains_apart_first:
+        print(f"trained each concept alone first, in {config.out / 'apart'}, then all from their merge")
     print(f"wrote {path}, its diffusers files and run_config.json to {path.parent}")
     if config.save_every:
         print(f"kept the concept every {config.save_every} steps on the way in {path.parent}/step-N")

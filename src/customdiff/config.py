@@ -407,6 +407,12 @@ class FinetuneConfig:
         '(its defaults) (README, "Several concepts")',
         metavar="CONCEPT",
     )
+    joint_start: Literal["merge", "base"] = option(
+        "merge",
+        "with several concepts: merge, train each alone first (--steps, in OUT/apart/<token>), then all "
+        "jointly from their merge for half of --steps; base: jointly from the base weights, as the paper "
+        '(which keeps fewer of the concepts: README, "Joint training from a merge")',
+    )
     initializer: str | None = option(
         None,
         "rare word (one token) whose embedding starts the modifier token's (default: one per token, "
@@ -599,6 +605,11 @@ class FinetuneConfig:
                 f"--batch-size {self.batch_size}: with regularization half the batch is target images and "
                 "half regularization images; pass an even number"
             )
+
+    @property
+    def trains_apart_first(self) -> bool:
+        """Several concepts, each trained alone first, then jointly from their merge (``--joint-start``)."""
+        return self.joint_start == "merge" and not self.init_from and len(self.concept_specs()) > 1
 
     def concept_specs(self) -> list[ConceptSpec]:
         """The concepts to learn, in token order."""

@@ -10,8 +10,10 @@ DreamBooth-like) and the token alone (``token``, Textual-Inversion-like).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -627,6 +629,28 @@ def starting_concept(pipe, config: FinetuneConfig, tokens: list[str]) -> concept
     return start
 
 
+def apart_configs(config: FinetuneConfig) -> list[FinetuneConfig]:
+    """A run for each concept of a joint run that starts from their merge (``--joint-start merge``): the
+    concept alone, with its own images, class images and token, in OUT/apart/<token>."""
+    return [
+        dataclasses.replace(
+            config,
+            images=spec.images,
+            class_word=spec.class_word,
+            instance_prompt=spec.caption,
+            token=spec.token,
+            initializer=spec.initializer,
+            class_images=spec.class_images,
+            class_prompt=spec.class_prompt if spec.class_images else None,
+            concept=(),
+            concepts_list=None,
+            init_from=(),
+            out=Path(config.out) / "apart" / (re.sub(r"[^\w.-]", "", spec.token) or f"concept{number}"),
+        )
+        for number, spec in enumerate(config.concept_specs(), 1)
+    ]
+
+
 def write_concept(folder: Path, result: concept.Concept, unet) -> None:
     """Write ``concept.safetensors`` and the files diffusers loads (given the fine-tuned ``unet``)."""
     concept.save_concept(folder, result)
@@ -651,15 +675,27 @@ def train(
 ) -> Path:
     """Fine-tune as ``config.mode`` says and write the concept (§3.1); resumes from OUT's checkpoint.
 
+    Several concepts with ``--joint-start merge`` (the default) train each alone first (``apart_configs``),
+    then jointly from their merge for half the steps: from the base weights the shared K/V kept one concept
+    and lost the other (README, "Joint training from a merge").
+
     Args:
         pipe: the base pipeline (default: ``models.load_pipeline(config.model, …)``); it is fine-tuned in
-            place and holds the concept afterwards.
+            place and holds the concept afterwards (runs of single concepts first get copies of it).
         preview: called as ``preview(step, pipe)`` every ``config.preview_every`` steps, the pipe holding
             the concept as a run of that many steps ends, refit too (default: a grid of three target
             captions and a class prompt in OUT/previews).
     Returns:
         the path of the written ``concept.safetensors``.
     """
+    if config.trains_apart_first:
+        apart = apart_configs(config)
+        config = dataclasses.replace(
+            config, init_from=tuple(one.out for one in apart), steps=max(1, config.steps // 2)
+        )
+        read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)  # a joint run that cannot go on fails now
+        for one in apart:  # each resumes, or ends at once when trained (its checkpoint stays)
+            train(one, copy.deepcopy(pipe) if pipe is not None else None)
     out = files.prepare_output_dir(config.out)
     resumed = read_checkpoint(out / CHECKPOINT_FILE, config)
     pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
