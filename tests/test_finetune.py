@@ -402,7 +402,9 @@ def test_a_joint_run_trains_each_concept_alone_then_all_from_their_merge(
             models.load_pipeline(tiny_pipeline_dir),
         )
     )
+    alone_written = [(folder / concept.CONCEPT_FILE).stat().st_mtime_ns for folder in apart]
     again = concept.load_concept(finetune.train(joint, models.load_pipeline(tiny_pipeline_dir)))  # resumed
+    assert [(folder / concept.CONCEPT_FILE).stat().st_mtime_ns for folder in apart] == alone_written
     from_base = concept.load_concept(
         finetune.train(
             dataclasses.replace(joint, joint_start="base", out=tmp_path / "base"),

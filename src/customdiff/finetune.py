@@ -694,8 +694,10 @@ def train(
             config, init_from=tuple(one.out for one in apart), steps=max(1, config.steps // 2)
         )
         read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)  # a joint run that cannot go on fails now
-        for one in apart:  # each resumes, or ends at once when trained (its checkpoint stays)
-            train(one, copy.deepcopy(pipe) if pipe is not None else None)
+        for one in apart:  # a run alone that ended (its checkpoint stays) is read back, not prepared again
+            ended = read_checkpoint(Path(one.out) / CHECKPOINT_FILE, one)
+            if ended is None or ended["step"] < one.steps or not (one.out / concept.CONCEPT_FILE).is_file():
+                train(one, copy.deepcopy(pipe) if pipe is not None else None)
     out = files.prepare_output_dir(config.out)
     resumed = read_checkpoint(out / CHECKPOINT_FILE, config)
     pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
