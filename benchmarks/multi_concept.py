@@ -108,26 +108,26 @@ def main() -> None:
         named = dict(zip(tokens, built_ins, strict=True))
         ceiling = judged_round_trips(pipe.vae, pairs, named, targets, CEILING_SCENES, args.seed)[BOTH]
         singles = [evaluate.toy_prompts((t,), (s,)) for t, s in zip(tokens, shapes, strict=True)]
+
+        def each_concept(name: str, model: concept.Concept) -> dict[str, dict[str, float]]:
+            """``model``'s rows on each concept's own prompts."""
+            return {f"{name}, {t} prompts": scored(model, s) for t, s in zip(tokens, singles, strict=True)}
+
         rows = {
             f"{tokens[0]} alone": scored(separate[0], singles[0]),
             f"{tokens[1]} alone": scored(separate[1], singles[1]),
             f"{tokens[0]} 60% energy": scored(small[0], singles[0]),
             f"{tokens[1]} 60% energy": scored(small[1], singles[1]),
-            f"joint from the base, {tokens[0]} prompts": scored(joint, singles[0]),
-            f"joint from the base, {tokens[1]} prompts": scored(joint, singles[1]),
+            **each_concept("joint from the base", joint),
             "joint from the base, two-concept prompts": scored(joint, two),
             "joint from the base, two-concept prompts drawn whole": scored(joint, two, regions=False),
-            f"joint from the merge, {tokens[0]} prompts": scored(refined, singles[0]),
-            f"joint from the merge, {tokens[1]} prompts": scored(refined, singles[1]),
+            **each_concept("joint from the merge", refined),
             "joint from the merge, two-concept prompts": scored(refined, two),
-            f"merged, {tokens[0]} prompts": scored(merged, singles[0]),
-            f"merged, {tokens[1]} prompts": scored(merged, singles[1]),
-            f"merged weights alone, {tokens[0]} prompts": scored(merged_only, singles[0]),
-            f"merged weights alone, {tokens[1]} prompts": scored(merged_only, singles[1]),
+            **each_concept("merged", merged),
+            **each_concept("merged weights alone", merged_only),
             "merged, two-concept prompts": scored(merged, two),
             "merged, two-concept prompts drawn whole": scored(merged, two, regions=False),
-            f"paper's constrained merge alone, {tokens[0]} prompts": scored(constrained_only, singles[0]),
-            f"paper's constrained merge alone, {tokens[1]} prompts": scored(constrained_only, singles[1]),
+            **each_concept("paper's constrained merge alone", constrained_only),
             "paper's constrained merge, two-concept prompts": scored(constrained, two),
         }
     print(

@@ -364,8 +364,7 @@ def test_init_from_several_concepts_starts_a_joint_run_at_their_merge(
         )
     ]
     pipe = models.load_pipeline(tiny_pipeline_dir)
-    merge_config = MergeConfig(tuple(apart))
-    merged, _ = merge.merge_loaded(pipe, merge.load_mergeable(merge_config)[0], merge_config)
+    merged, _, _ = merge.merge_files(pipe, MergeConfig(tuple(apart)))
     joint = FinetuneConfig(
         concept=(f"{concept_dir}:star", f"{ring_dir}:ring"), out=tmp_path / "joint", init_from=tuple(apart),
         **{**TINY_RUN, "lr": 1e-12, "token_lr": 1e-12},

@@ -131,13 +131,12 @@ def _concept_to_apply(pipe, config: GenerateConfig):
     from customdiff import merge as merging
 
     merge_config = MergeConfig(config.concept, rename_tokens=config.rename_tokens)
-    concepts, renamed = merging.load_mergeable(merge_config)
+    merged, _, renamed = merging.merge_files(pipe, merge_config)
     for line in renamed:
         print(line)
-    merged, _ = merging.merge_loaded(pipe, concepts, merge_config)
     saved = " ".join(shlex.quote(str(path)) for path in config.concept)
     print(
-        f"merged {len(concepts)} concepts in memory (tokens {' '.join(merged.tokens)}); "
+        f"merged {len(config.concept)} concepts in memory (tokens {' '.join(merged.tokens)}); "
         f"customdiff merge {saved}{' --rename-tokens' * config.rename_tokens} saves it in {merge_config.out}"
     )
     return merged

@@ -613,8 +613,7 @@ def starting_concept(pipe, config: FinetuneConfig, tokens: list[str]) -> concept
     if len(config.init_from) == 1:
         start = concept.load_concept(config.init_from[0])
     else:
-        merge_config = MergeConfig(config.init_from)
-        start, _ = merge.merge_loaded(pipe, merge.load_mergeable(merge_config)[0], merge_config)
+        start, _, _ = merge.merge_files(pipe, MergeConfig(config.init_from))
     concept.check_base(pipe, start, "--init-from a concept of this model")
     if start.tokens != tuple(tokens):
         raise CustomDiffError(
@@ -695,7 +694,7 @@ def train(
         )
         read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)  # a joint run that cannot go on fails now
         for one in apart:  # a run alone that ended (its checkpoint stays) is read back, not prepared again
-            ended = read_checkpoint(Path(one.out) / CHECKPOINT_FILE, one)
+            ended = read_checkpoint(one.out / CHECKPOINT_FILE, one)
             if ended is None or ended["step"] < one.steps or not (one.out / concept.CONCEPT_FILE).is_file():
                 train(one, copy.deepcopy(pipe) if pipe is not None else None)
     out = files.prepare_output_dir(config.out)

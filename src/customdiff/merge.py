@@ -485,6 +485,14 @@ def merge_loaded(pipe, concepts: list[Concept], config: MergeConfig) -> tuple[Co
     return merge_concepts(pipe, concepts, captions, config.method, config.reg_weight, config.context_share)
 
 
+def merge_files(pipe, config: MergeConfig) -> tuple[Concept, MergeReport, list[str]]:
+    """``load_mergeable``, then ``merge_loaded``: the merged concept, the report and a line for each token
+    renamed (a concept merged in memory, without ``customdiff merge``'s output folder)."""
+    concepts, renamed = load_mergeable(config)
+    merged, report = merge_loaded(pipe, concepts, config)
+    return merged, report, renamed
+
+
 def run_merge(config: MergeConfig) -> tuple[Path, Concept, MergeReport, list[str]]:
     """The ``customdiff merge`` command: load and check the concepts, merge, write OUT/concept.safetensors.
 
