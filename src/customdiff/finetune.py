@@ -687,18 +687,19 @@ def train(
     Returns:
         the path of the written ``concept.safetensors``.
     """
-    if config.trains_apart_first:
-        apart = apart_configs(config)
+    apart = apart_configs(config) if config.trains_apart_first else []
+    if apart:
         config = dataclasses.replace(
             config, init_from=tuple(one.out for one in apart), steps=max(1, config.steps // 2)
         )
-        read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)  # a joint run that cannot go on fails now
-        for one in apart:  # a run alone that ended (its checkpoint stays) is read back, not prepared again
-            ended = read_checkpoint(one.out / CHECKPOINT_FILE, one)
-            if ended is None or ended["step"] < one.steps or not (one.out / concept.CONCEPT_FILE).is_file():
-                train(one, copy.deepcopy(pipe) if pipe is not None else None)
+    resumed = read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)  # before any run alone
+    if apart and pipe is not None:
+        pipe.to("cpu")  # the device holds one copy at a time, the one training
+    for one in apart:  # a run alone that ended (its checkpoint stays) is read back, not prepared again
+        ended = read_checkpoint(one.out / CHECKPOINT_FILE, one)
+        if ended is None or ended["step"] < one.steps or not (one.out / concept.CONCEPT_FILE).is_file():
+            train(one, copy.deepcopy(pipe) if pipe is not None else None)
     out = files.prepare_output_dir(config.out)
-    resumed = read_checkpoint(out / CHECKPOINT_FILE, config)
     pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     config = dataclasses.replace(config, num_processes=accelerator.num_processes)  # as run, however launched
