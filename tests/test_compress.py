@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from customdiff import compress, concept, models
+from customdiff import compress, concept, files, finetune, models, toyworld
+from customdiff.config import FinetuneConfig
 from customdiff.errors import CustomDiffError
 
 
@@ -133,3 +134,49 @@ def test_fitted_to_outputs_keeps_the_ranks_and_changes_the_outputs_less(
     )
     with pytest.raises(CustomDiffError, match="--energy"):
         compress.compress_concept(a_concept(), energy=1.5)
+
+
+def test_refine_steps_train_the_cut_at_its_ranks_on_the_concepts_own_images(
+    run_cli, tiny_pipeline_dir, tmp_path
+):
+    images = tmp_path / "images"
+    files.write_image_folder(images, toyworld.concept_scenes(toyworld.get_concept("starfish"), 4))
+    model = ("--model", tiny_pipeline_dir)
+    tiny = ("--reg", "none", "--steps", 2, "--lr", 1e-2, "--batch-size", 2, "--composed-views", 0)
+    code, _, err = run_cli(
+        "train", "--images", images, "--class-word", "star", *tiny, *model, "-o", tmp_path / "run"
+    )
+    assert code == 0, err
+    small = tmp_path / "small"
+    code, out, err = run_cli(
+        "compress", tmp_path / "run", "--rank", 2, "--refine-steps", 3, *model, "-o", small
+    )
+    assert code == 0, err
+    assert f"refined the cut 3 steps at its ranks: wrote {small / concept.CONCEPT_FILE}" in out
+    cut, refined = concept.load_concept(small / "cut"), concept.load_concept(small)
+    assert refined.config["steps"] == 3 and refined.config["keep_ranks"]
+    assert refined.config["images"] == str(images) and refined.config["init_from"] == [str(small / "cut")]
+    assert refined.factors.keys() == cut.factors.keys() == refined.deltas.keys()
+    for name, delta in refined.deltas.items():  # trained from the cut, and still of its rank
+        up, down = refined.factors[name]
+        assert up.shape[1] == down.shape[0] == 2 and torch.linalg.matrix_rank(delta) == 2
+        assert not torch.allclose(delta, cut.deltas[name])
+    assert not torch.equal(refined.token_embeddings, cut.token_embeddings)
+    whole = tmp_path / "run" / concept.CONCEPT_FILE
+    with pytest.raises(CustomDiffError, match="keeps its deltas whole, so --keep-ranks has no ranks to keep"):
+        finetune.train(
+            FinetuneConfig(images, "star", out=tmp_path / "x", init_from=(whole,), keep_ranks=True),
+            models.load_pipeline(tiny_pipeline_dir),
+        )
+    with pytest.raises(CustomDiffError, match="keeps the ranks of one compressed concept: --init-from it"):
+        FinetuneConfig(images, "star", keep_ranks=True)
+    merged = dataclasses.replace(refined, config={"merged_from": [refined.config]})
+    concept.save_concept(tmp_path / "merged", merged)
+    token_only = dataclasses.replace(refined, mode="token", deltas={}, factors={})
+    concept.save_concept(tmp_path / "token", token_only)
+    for name, message in (("merged", "keeps no training run's settings (a merge?)"), ("token", "no delta")):
+        code, _, err = run_cli(
+            "compress", tmp_path / name, "--rank", 2, "--refine-steps", 1, "-o", tmp_path / "y"
+        )
+        assert code == 2 and message in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "y").exists()

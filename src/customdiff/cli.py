@@ -171,12 +171,19 @@ def compress(config: CompressConfig) -> None:
     from customdiff import concept
 
     original = concept.load_concept(config.concept)
+    cut_folder, refine = config.out, None
+    if config.refine_steps:  # a run that cannot start fails before the cut
+        from customdiff import finetune
+
+        cut_folder = config.out / "cut"
+        refine = compression.refine_config(config, original, cut_folder)
+        finetune.read_checkpoint(config.out / finetune.CHECKPOINT_FILE, refine)
     weighting = None  # the plain cut, or a concept with no K/V delta: no model to load
     if not config.plain and any(concept.reads_text(name) for name in original.deltas):
         weighting = compression.load_fit_weighting(original, config.model, config.model_config)
     compressed = compression.compress_concept(original, config.rank, config.energy, weighting)
-    path = concept.save_concept(config.out, compressed)
-    save_config(config, config.out)
+    path = concept.save_concept(cut_folder, compressed)
+    save_config(config, cut_folder)
     before = concept.concept_file(config.concept).stat().st_size / 2**20
     after = path.stat().st_size / 2**20
     line = f"wrote {path}: {after:.2f} MB (from {before:.2f} MB)"
@@ -190,6 +197,10 @@ def compress(config: CompressConfig) -> None:
         if miss > compression.LARGE_MISS:
             line += "\n  misses this large cost concepts half their samples (README): try --energy 0.9"
     print(line)
+    if refine is not None:
+        path = finetune.train(refine)
+        size = path.stat().st_size / 2**20
+        print(f"refined the cut {config.refine_steps} steps at its ranks: wrote {path}, {size:.2f} MB")
 
 
 def merge(config: MergeConfig) -> None:

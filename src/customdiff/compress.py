@@ -127,6 +127,35 @@ def compress_concept(
     return dataclasses.replace(concept, deltas=deltas, factors=factors, parts=tuple(parts))
 
 
+def refine_config(config, concept: Concept, cut: Path):
+    """The training run ``customdiff compress --refine-steps`` (a ``CompressConfig``) makes of ``cut``, the
+    compressed ``concept``: the concept's own run settings (its images, class images, mode and rates, as
+    its file keeps them) for ``--refine-steps`` from the cut, each delta kept at its rank, into OUT.
+
+    Raises:
+        CustomDiffError: the concept keeps no run's settings (a merged one).
+    """
+    from customdiff.config import FinetuneConfig, config_from_settings
+
+    if not any(delta.ndim == 2 for delta in concept.deltas.values()):
+        raise CustomDiffError(
+            f"{config.concept} has no delta to cut (a {concept.mode} concept), so nothing to refine; "
+            "pass --refine-steps 0"
+        )
+    settings = concept.config
+    if not any(settings.get(name) for name in ("images", "concept", "concepts_list")):
+        raise CustomDiffError(
+            f"{config.concept} keeps no training run's settings (a merge?), so --refine-steps has no images "
+            "to train on; refine each concept before merging, or pass --refine-steps 0"
+        )
+    run = config_from_settings(FinetuneConfig, settings, f"the run settings kept in {config.concept}")
+    return dataclasses.replace(
+        run, init_from=(cut,), keep_ranks=True, steps=config.refine_steps, out=config.out,
+        model=config.model or run.model, model_config=config.model_config or run.model_config,
+        save_every=0, preview_every=0, preview_prompts=(), num_processes=1,
+    )  # fmt: skip
+
+
 def output_error(full: Concept, kept: Concept, weighting: torch.Tensor) -> float:
     """How far ``kept``'s K/V deltas miss ``full``'s outputs on the features ``weighting`` A weighs, as a
     share of ``full``'s own change to them: √(Σ tr(E A Eᵀ) / Σ tr(ΔW A ΔWᵀ)), E = ΔW − kept's delta."""

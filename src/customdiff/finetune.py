@@ -31,7 +31,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm.auto import tqdm
 
-from customdiff import concept, data, export, files, generate, merge, models, regions, text
+from customdiff import compress, concept, data, export, files, generate, merge, models, regions, text
 from customdiff.config import FinetuneConfig, MergeConfig, Mode, save_config
 from customdiff.errors import CustomDiffError
 
@@ -625,7 +625,21 @@ def starting_concept(pipe, config: FinetuneConfig, tokens: list[str]) -> concept
             f"--init-from {named} is a {start.mode} concept, with tensors --mode {config.mode} "
             f"does not train; pass --mode {start.mode}"
         )
+    if config.keep_ranks and not start.factors:
+        raise CustomDiffError(
+            f"--init-from {named} keeps its deltas whole, so --keep-ranks has no ranks to keep; "
+            "compress it first (customdiff compress --energy 0.6)"
+        )
     return start
+
+
+@torch.no_grad()
+def keep_ranks(parameters: dict, base: dict, ranks: dict[str, int]) -> None:
+    """Put each delta named in ``ranks`` back to the nearest matrix of its rank (its truncated SVD), as
+    after each step of a ``--keep-ranks`` run: training refines a compressed concept and it stays as small."""
+    for name, rank in ranks.items():  # in the weights' precision: float64 is slow on most GPUs
+        U, S, Vh = torch.linalg.svd(parameters[name] - base[name], full_matrices=False)
+        parameters[name].copy_(base[name] + (U[:, :rank] * S[:rank]) @ Vh[:rank])
 
 
 def apart_configs(config: FinetuneConfig) -> list[FinetuneConfig]:
@@ -737,6 +751,7 @@ def train(
         parameters = trainable_parameters(unet, encoders, config.mode)
         base = {name: p.detach().clone() for name, p in parameters.items() if name.startswith("unet.")}
         stack.enter_context(start_detached(unet, reads, base))
+        ranks = {name: up.shape[1] for name, (up, _) in start.factors.items()} if config.keep_ranks else {}
         if start is not None:  # a resumed run's checkpoint overwrites this below
             set_unet_deltas(parameters, base, start.deltas)
             with torch.no_grad():
@@ -759,6 +774,8 @@ def train(
         def trained(steps_done: int) -> concept.Concept:
             """The concept as its tensors stand after ``steps_done`` steps (before any refit)."""
             settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+            deltas = {name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()}
+            factors = {name: compress.low_rank(deltas[name], rank) for name, rank in ranks.items()}
             return concept.Concept(
                 base_hash=base_hash,
                 mode=config.mode,
@@ -769,9 +786,8 @@ def train(
                     [getattr(e, NEW_ROWS).detach().float().cpu() for e in embeddings], 1
                 ),
                 embedding_widths=text.embedding_widths(encoders),
-                deltas={
-                    name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()
-                },
+                deltas={**deltas, **{name: up @ down for name, (up, down) in factors.items()}},
+                factors=factors,
                 captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
                 config={**settings, "steps": steps_done},
             )
@@ -824,6 +840,7 @@ def train(
             accelerator.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            keep_ranks(parameters, base, ranks)
             step += 1
             losses.append(loss.item())
             bar.update(1)
