@@ -1,7 +1,8 @@
 """Concept file size against rank (Kumari et al. 2023, §4.3, Fig. 9): SVD-compressed K/V deltas, scored.
 
 Trains one built-in concept, keeps every delta in low rank by energy share and by fixed rank (fitted to
-its outputs as ``customdiff compress`` does; at 60% energy also the paper's plain SVD), and prints for
+its outputs as ``customdiff compress`` does; at 60% energy also the paper's plain SVD, and the fitted cut
+refined ``--refine-steps`` at its ranks, as ``compress --refine-steps`` does), and prints for
 each the file size and the paper's metrics with the toy judge's concept-present share, against the full
 delta, as the paper's 75 → 15 → 5 → 1 MB figure.
 
@@ -16,10 +17,11 @@ from pathlib import Path
 
 from base_components import add_run_options, run_settings  # benchmarks/, first on the path as a script
 from customdiff import compress, concept, evaluate, files, finetune, models, toyworld
-from customdiff.config import FinetuneConfig
+from customdiff.config import CompressConfig, FinetuneConfig
 
 SETTINGS = (("full", {}), ("energy 0.9", {"energy": 0.9}), ("energy 0.6", {"energy": 0.6}))
 SETTINGS += (("energy 0.6, plain SVD", {"energy": 0.6, "plain": True}),)  # the paper's cut, same ranks
+SETTINGS += (("energy 0.6, refined", {"energy": 0.6, "refine": True}),)  # compress --refine-steps
 SETTINGS += tuple((f"rank {r}", {"rank": r}) for r in (8, 4, 2, 1))
 COLUMNS = ("file_mb", "text_alignment", "image_alignment", "judge_new_context_concept_present")
 
@@ -27,6 +29,7 @@ COLUMNS = ("file_mb", "text_alignment", "image_alignment", "judge_new_context_co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", default="starfish", help="built-in concept to train")
+    parser.add_argument("--refine-steps", type=int, default=1000, help="steps of the refined row")
     add_run_options(parser)
     args = parser.parse_args()
 
@@ -41,15 +44,24 @@ def main() -> None:
         config = FinetuneConfig(
             images, built_in.shape, out=work / "full", **run_settings(args, work / "cache")
         )
-        full = concept.load_concept(finetune.train(config, models.load_pipeline()))
+        full_path = finetune.train(config, models.load_pipeline())
+        full = concept.load_concept(full_path)
         targets = {"<new1>": [image for _, image, _ in files.read_image_folder(images)]}
         prompts = evaluate.toy_prompts(("<new1>",), (built_in.shape,))
         weighting = compress.fit_weighting(pipe, full)
         for name, setting in SETTINGS:
-            cut = {key: value for key, value in setting.items() if key != "plain"}
+            cut = {key: value for key, value in setting.items() if key not in ("plain", "refine")}
             fitted_to = None if setting.get("plain") else weighting
             kept = compress.compress_concept(full, **cut, weighting=fitted_to) if cut else full
             path = concept.save_concept(work / name.replace(" ", "-"), kept)
+            if setting.get("refine"):  # as customdiff compress --refine-steps trains it
+                refine = CompressConfig(
+                    full_path, work / "refined", energy=0.6, refine_steps=args.refine_steps
+                )
+                path = finetune.train(
+                    compress.refine_config(refine, full, path.parent), models.load_pipeline()
+                )
+                kept = concept.load_concept(path)
             metrics = evaluate.evaluate(
                 pipe, kept, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed
             )

@@ -4,9 +4,10 @@ merging of two separately trained concepts, and compression's cost, scored by th
 Trains ``<new1>`` (default: the starfish, a star) and ``<new2>`` (the donut, a ring) separately, then both
 jointly from the base weights (the paper's joint training, ``--joint-start base``), merges the separate ones
 (the default weighted merge and the paper's constrained one), trains both jointly from that merge (what a
-joint run does by default, ``train --init-from``, ``--refine-steps``), and
+joint run does by default, ``train --init-from``, ``--joint-steps``), and
 compresses each to 60% of its singular-value energy (fitted to its outputs, as ``customdiff compress``
-does; both, so that the compression floor is read on twice the samples). Each is sampled on the paper's
+does; both, so that the compression floor is read on twice the samples), also refined ``--compress-steps``
+at its ranks (``compress --refine-steps``). Each is sampled on the paper's
 prompt kinds and read by the toy judge. Two-concept prompts are drawn a column a concept, the toy
 model's default, and whole (README, "Regional prompts"). A merge draws a prompt naming one of its
 concepts with that concept's own deltas (its parts); the "merged weights alone" rows drop the parts, as
@@ -30,12 +31,13 @@ from pathlib import Path
 # base_components: benchmarks/, first on the path when run as a script
 from base_components import add_run_options, judged_round_trips, run_settings
 from customdiff import compress, concept, evaluate, files, finetune, merge, models, toyworld
-from customdiff.config import FinetuneConfig
+from customdiff.config import CompressConfig, FinetuneConfig
 
 PRESENT = "judge_new_context_concept_present"
 BOTH = "judge_two_concepts_concept_present"
 CEILING_SCENES = 32  # rendered scenes a prompt for the VAE's ceiling
-REFINE_STEPS = 3000  # half the toy model's 6000: what the README's joint run from a merge measured
+JOINT_STEPS = 3000  # half the toy model's 6000: what the README's joint run from a merge measured
+COMPRESS_STEPS = 1000  # a refined 60% cut of a starfish drew it as often as the full delta (README)
 
 
 def main() -> None:
@@ -43,12 +45,18 @@ def main() -> None:
     parser.add_argument("--concepts", nargs=2, default=["starfish", "donut"], help="two built-in concepts")
     add_run_options(parser)
     parser.add_argument(
-        "--refine-steps",
+        "--joint-steps",
         type=int,
         help="steps of the joint run from the merge (default: half of --steps, or 3000)",
     )
+    parser.add_argument(
+        "--compress-steps",
+        type=int,
+        help="steps of the refined 60%% cuts (default: a sixth of --steps, or 1000)",
+    )
     args = parser.parse_args()
-    refine_steps = args.refine_steps or (args.steps // 2 if args.steps else REFINE_STEPS)
+    joint_steps = args.joint_steps or (args.steps // 2 if args.steps else JOINT_STEPS)
+    compress_steps = args.compress_steps or (max(1, args.steps // 6) if args.steps else COMPRESS_STEPS)
 
     pipe = models.load_pipeline()
     clip = evaluate.ClipFeatures(models.TOY_MODEL_DIR / "clip", pipe.tokenizer)
@@ -74,6 +82,17 @@ def main() -> None:
             trained(f"alone{i}", images=folder, class_word=shape, token=token)
             for i, (folder, shape, token) in enumerate(zip(folders, shapes, tokens, strict=True))
         ]
+        small, refined_small = [], []
+        for i, one in enumerate(separate):  # fitted as customdiff compress fits, then refined as it refines
+            small.append(
+                compress.compress_concept(one, energy=0.6, weighting=compress.fit_weighting(pipe, one))
+            )
+            cut = concept.save_concept(work / f"cut{i}", small[-1]).parent
+            request = CompressConfig(
+                work / f"alone{i}", work / f"refined{i}", energy=0.6, refine_steps=compress_steps
+            )
+            path = finetune.train(compress.refine_config(request, one, cut), models.load_pipeline())
+            refined_small.append(concept.load_concept(path))
         both_concepts = tuple(f"{folder}:{shape}" for folder, shape in zip(folders, shapes, strict=True))
         joint = trained("joint", concept=both_concepts, joint_start="base")
         captions = merge.regularization_captions(pipe.tokenizer, 1000, args.seed)
@@ -86,12 +105,8 @@ def main() -> None:
             "joint_from_merge",
             concept=both_concepts,
             init_from=(concept.save_concept(work / "merged", merged),),
-            steps=refine_steps,
+            steps=joint_steps,
         )
-        small = [  # fitted as customdiff compress fits
-            compress.compress_concept(one, energy=0.6, weighting=compress.fit_weighting(pipe, one))
-            for one in separate
-        ]
         targets = {
             token: [image for _, image, _ in files.read_image_folder(folder)]
             for token, folder in zip(tokens, folders, strict=True)
@@ -118,6 +133,8 @@ def main() -> None:
             f"{tokens[1]} alone": scored(separate[1], singles[1]),
             f"{tokens[0]} 60% energy": scored(small[0], singles[0]),
             f"{tokens[1]} 60% energy": scored(small[1], singles[1]),
+            f"{tokens[0]} 60% energy, refined": scored(refined_small[0], singles[0]),
+            f"{tokens[1]} 60% energy, refined": scored(refined_small[1], singles[1]),
             **each_concept("joint from the base", joint),
             "joint from the base, two-concept prompts": scored(joint, two),
             "joint from the base, two-concept prompts drawn whole": scored(joint, two, regions=False),
@@ -144,6 +161,7 @@ def main() -> None:
     )
     own = [rows[f"{t} alone"][PRESENT] for t in tokens]
     cut = [rows[f"{t} 60% energy"][PRESENT] for t in tokens]  # equal sample counts: the mean pools them
+    refined_cut = [rows[f"{t} 60% energy, refined"][PRESENT] for t in tokens]
 
     def kept(row: str) -> str:
         shares = [rows[row.format(t)][PRESENT] / score for t, score in zip(tokens, own, strict=True) if score]
@@ -157,7 +175,8 @@ def main() -> None:
         f"{kept('merged, {} prompts')} of a concept's own score (≥ 90%; its merged weights alone "
         f"{kept('merged weights alone, {} prompts')}); 60% energy changes concept-present by "
         f"{(sum(cut) - sum(own)) / len(tokens):+.1f} points over both concepts (within ±2; "
-        f"{', '.join(f'{t} {c - o:+.1f}' for t, c, o in zip(tokens, cut, own, strict=True))}); "
+        f"{', '.join(f'{t} {c - o:+.1f}' for t, c, o in zip(tokens, cut, own, strict=True))}), refined "
+        f"{compress_steps} steps at its ranks by {(sum(refined_cut) - sum(own)) / len(tokens):+.1f}; "
         f"the VAE alone keeps both concepts in {ceiling:.1f}% of rendered two-concept scenes"
     )
 
