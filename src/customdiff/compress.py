@@ -149,6 +149,12 @@ def refine_config(config, concept: Concept, cut: Path):
             "to train on; refine each concept before merging, or pass --refine-steps 0"
         )
     run = config_from_settings(FinetuneConfig, settings, f"the run settings kept in {config.concept}")
+    missing = [spec.images for spec in run.concept_specs() if not Path(spec.images).is_dir()]
+    if missing:
+        raise CustomDiffError(
+            f"{config.concept} was trained on the images in {missing[0]}, which is gone; --refine-steps "
+            "trains on them: put them back there, or pass --refine-steps 0"
+        )
     return dataclasses.replace(
         run, init_from=(cut,), keep_ranks=True, steps=config.refine_steps, out=config.out,
         model=config.model or run.model, model_config=config.model_config or run.model_config,
