@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from customdiff.concept import Concept, check_base, reads_text
+from customdiff.config import CompressConfig, FinetuneConfig, config_from_settings
 from customdiff.errors import CustomDiffError
 
 # a cut missing this share of the K/V outputs' change loses much of the concept: five refit concepts cut to
@@ -127,16 +128,15 @@ def compress_concept(
     return dataclasses.replace(concept, deltas=deltas, factors=factors, parts=tuple(parts))
 
 
-def refine_config(config, concept: Concept, cut: Path):
-    """The training run ``customdiff compress --refine-steps`` (a ``CompressConfig``) makes of ``cut``, the
-    compressed ``concept``: the concept's own run settings (its images, class images, mode and rates, as
-    its file keeps them) for ``--refine-steps`` from the cut, each delta kept at its rank, into OUT.
+def refine_config(config: CompressConfig, concept: Concept, cut: Path) -> FinetuneConfig:
+    """The training run ``customdiff compress --refine-steps`` makes of ``cut``, the compressed ``concept``:
+    the concept's own run settings (its images, class images, mode and rates, as its file keeps them) for
+    ``--refine-steps`` from the cut, each delta kept at its rank, into OUT.
 
     Raises:
-        CustomDiffError: the concept keeps no run's settings (a merged one).
+        CustomDiffError: the concept has no delta to cut, keeps no run's settings (a merged one), or its
+            images are gone.
     """
-    from customdiff.config import FinetuneConfig, config_from_settings
-
     if not any(delta.ndim == 2 for delta in concept.deltas.values()):
         raise CustomDiffError(
             f"{config.concept} has no delta to cut (a {concept.mode} concept), so nothing to refine; "
