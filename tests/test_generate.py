@@ -137,4 +137,7 @@ def test_every_sampler_keeps_the_models_noise_schedule_and_an_ancestral_one_its_
     assert not np.array_equal(runs["ddim", 2][1], runs["euler_ancestral", 2][1])
     for run in [runs["euler_ancestral", 2], runs[None, 1]]:
         for one, two in zip(runs["euler_ancestral", 1], run, strict=True):
-            assert np.array_equal(one, two)  # the noise each step adds comes from the image's own seed
+            # the noise each step adds comes from the image's own seed: the same image in a batch of one
+            # or two, but for a rare last-bit rounding of kernels that sum in batch-dependent order
+            differs = one.astype(int) - two.astype(int)
+            assert np.abs(differs).max() <= 1 and np.count_nonzero(differs) <= one.size // 1000
