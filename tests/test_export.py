@@ -97,3 +97,157 @@ def test_export_names_bad_input_in_one_line(random_concept, tmp_path, run_cli):
     assert not (tmp_path / "x").exists()
     with pytest.raises(CustomDiffError, match="not --mode full"):
         export.write_webui(tmp_path / "y", dataclasses.replace(random_concept, mode="full"))
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+def diffusers_example_folder(folder, concept_, tiny_pipeline_dir):
+    """What diffusers' train_custom_diffusion.py writes for ``concept_``: its attention file (the fine-tuned
+    K/V; a pickle with --no_safe_serialization) and ``<new1>.bin`` (safetensors, despite the name)."""
+    export.write_diffusers(folder, concept_, ours_unet(tiny_pipeline_dir, concept_))
+    attn = folder / export.DIFFUSERS_ATTN_FILE
+    torch.save(load_file(attn), folder / "pytorch_custom_diffusion_weights.bin")
+    attn.unlink()
+    (folder / "<new1>.safetensors").rename(folder / "<new1>.bin")
+
+
+def ours_unet(tiny_pipeline_dir, concept_):
+    pipe = models.load_pipeline(tiny_pipeline_dir)
+    concept.apply_concept(pipe, concept_)
+    return pipe.unet
+
+
+def test_import_reads_diffusers_examples_folder_and_the_papers_delta_bin_to_our_outputs(
+    tiny_pipeline_dir, make_concept, tmp_path, unet_output, run_cli
+):
+    original = make_concept(models.load_pipeline(tiny_pipeline_dir), scale=0.01)
+    expected = ours(tiny_pipeline_dir, original, unet_output)
+    diffusers_example_folder(tmp_path / "example", original, tiny_pipeline_dir)
+    code, out, err = run_cli(
+        "import",
+        tmp_path / "example",
+        "--instance-prompt",
+        "photo of a <new1> star",
+        "--model",
+        tiny_pipeline_dir,
+    )
+    assert code == 0 and not err, err
+    path = tmp_path / "example" / "customdiff" / "concept.safetensors"
+    assert f"wrote {path}: a crossattn_kv concept of <new1> star" in out
+    assert 'next: customdiff generate "photo of a <new1> star"' in out.replace("'", '"')
+    imported = concept.load_concept(path)
+    assert (imported.mode, imported.tokens, imported.class_words) == ("crossattn_kv", ("<new1>",), ("star",))
+    assert imported.captions == ("photo of a <new1> star",)
+    assert imported.base_hash == original.base_hash
+    assert torch.equal(imported.token_embeddings, original.token_embeddings)
+    assert imported.deltas.keys() == original.deltas.keys()
+    for name, delta in original.deltas.items():
+        torch.testing.assert_close(imported.deltas[name], delta, rtol=0, atol=1e-6)  # (W₀ + Δ) − W₀
+    torch.testing.assert_close(ours(tiny_pipeline_dir, imported, unet_output), expected, rtol=1e-4, atol=1e-5)
+
+    # the paper's delta.bin: whole K/V weights, or (compressed) factors u @ v of each delta
+    base = dict(models.load_pipeline(tiny_pipeline_dir).unet.named_parameters())
+    whole = {name[5:]: base[name[5:]].detach() + delta for name, delta in original.deltas.items()}
+    row = {"<new1>": original.token_embeddings[0]}
+    torch.save({"unet": whole, "modifier_token": row}, tmp_path / "delta.bin")
+    small = compress.compress_concept(original, rank=2)
+    factored = {name[5:]: {"u": up, "v": down} for name, (up, down) in small.factors.items()}
+    torch.save({"unet": factored, "modifier_token": row}, tmp_path / "compressed_delta.bin")
+    for file, wanted in (("delta.bin", original), ("compressed_delta.bin", small)):
+        code, _, err = run_cli(
+            "import",
+            tmp_path / file,
+            "--class-word",
+            "star",
+            "--model",
+            tiny_pipeline_dir,
+            "-o",
+            tmp_path / file[:-4],
+        )
+        assert code == 0 and not err, err
+        imported = concept.load_concept(tmp_path / file[:-4])
+        assert imported.captions == ("photo of a <new1> star",)
+        assert imported.factors.keys() == wanted.factors.keys()  # a compressed file stays compressed
+        torch.testing.assert_close(
+            ours(tiny_pipeline_dir, imported, unet_output),
+            ours(tiny_pipeline_dir, wanted, unet_output),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_import_names_bad_input_in_one_line_and_writes_nothing(
+    tiny_pipeline_dir, tiny_sdxl_dir, make_concept, tmp_path, run_cli
+):
+    original = make_concept(models.load_pipeline(tiny_pipeline_dir), scale=0.01)
+    diffusers_example_folder(tmp_path / "example", original, tiny_pipeline_dir)
+    model = ("--model", tiny_pipeline_dir)
+    out = tmp_path / "out"
+
+    def refused(*argv) -> str:
+        code, _, err = run_cli("import", *argv, "-o", out)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert not out.exists()
+        return err
+
+    assert "does not exist" in refused(tmp_path / "missing", "--class-word", "star", *model)
+    assert "one of them" in refused(tmp_path / "example", *model)
+    assert "one of them" in refused(
+        tmp_path / "example", "--class-word", "star", "--instance-prompt", "a", *model
+    )
+    assert "naming each before its class word" in refused(
+        tmp_path / "example", "--instance-prompt", "photo of a star", *model
+    )
+    assert "naming each before its class word" in refused(
+        tmp_path / "example", "--class-word", "a", "b", *model
+    )
+    assert "pass --model the model it was trained from" in refused(
+        tmp_path / "example", "--class-word", "star", "--model", tiny_sdxl_dir
+    )
+    (tmp_path / "empty").mkdir()
+    assert "holds no token embedding" in refused(tmp_path / "empty", "--class-word", "star", *model)
+    (tmp_path / "word").mkdir()
+    torch.save({"star": original.token_embeddings[0]}, tmp_path / "word" / "star.bin")
+    assert "vocabulary already" in refused(tmp_path / "word", "--class-word", "star", *model)
+    (tmp_path / "example" / "<new2>.bin").write_bytes(b"not a weights file")
+    assert "cannot read" in refused(tmp_path / "example", "--class-word", "star", "star", *model)
+    torch.save({"unet": {}, "text_encoder": {}}, tmp_path / "te.bin")
+    assert "fine-tuned text encoder" in refused(tmp_path / "te.bin", "--class-word", "star", *model)
+    torch.save({"state_dict": {}}, tmp_path / "delta.ckpt")
+    assert "not a Custom Diffusion delta.bin" in refused(
+        tmp_path / "delta.ckpt", "--class-word", "star", *model
+    )
+
+
+def test_import_warns_when_the_deltas_are_too_large_for_a_fine_tune_of_the_model(
+    tiny_pipeline_dir, make_concept, tmp_path, run_cli
+):
+    foreign = make_concept(models.load_pipeline(tiny_pipeline_dir), scale=1.0)  # as from another base
+    example = tmp_path / "example"
+    diffusers_example_folder(example, foreign, tiny_pipeline_dir)
+    with pytest.warns(UserWarning, match=r"deltas are \d+% of the weights they change.*pass --model"):
+        code, _, _ = run_cli("import", example, "--class-word", "star", "--model", tiny_pipeline_dir)
+    assert code == 0
+    code, out, _ = run_cli("info", example / "customdiff", "--model", tiny_pipeline_dir)
+    assert code == 0 and f"imported from {example}" in out
+
+
+def test_import_reads_back_our_own_diffusers_export_of_an_sdxl_concept(
+    tiny_sdxl_dir, make_concept, tmp_path, unet_output, run_cli
+):
+    original = make_concept(models.load_pipeline(tiny_sdxl_dir), scale=0.01)
+    export.write_diffusers(
+        tmp_path / "d", original, ours_unet(tiny_sdxl_dir, original)
+    )  # clip_l + clip_g rows
+    code, _, err = run_cli("import", tmp_path / "d", "--class-word", "star", "--model", tiny_sdxl_dir)
+    assert code == 0 and not err, err
+    imported = concept.load_concept(tmp_path / "d" / "customdiff")
+    assert imported.embedding_widths == original.embedding_widths
+    assert torch.equal(imported.token_embeddings, original.token_embeddings)
+    torch.testing.assert_close(
+        ours(tiny_sdxl_dir, imported, unet_output),
+        ours(tiny_sdxl_dir, original, unet_output),
+        rtol=1e-4,
+        atol=1e-5,
+    )

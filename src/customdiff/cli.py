@@ -24,6 +24,7 @@ from customdiff.config import (
     ExportConfig,
     FinetuneConfig,
     GenerateConfig,
+    ImportConfig,
     InfoConfig,
     JudgeConfig,
     MergeConfig,
@@ -152,10 +153,14 @@ def train(config: FinetuneConfig) -> None:
     print(f"wrote {path}, its diffusers files and run_config.json to {path.parent}")
     if config.save_every:
         print(f"kept the concept every {config.save_every} steps on the way in {path.parent}/step-N")
+    print(next_generate(load_concept(path).captions[0], path, config))
+
+
+def next_generate(caption: str, path: Path, config: FinetuneConfig | ImportConfig) -> str:
+    """The command that draws a concept just written to ``path``, on the model ``config`` names."""
     model = (("--model", config.model), ("--model-config", config.model_config))
     base = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in model if value is not None)
-    caption = load_concept(path).captions[0]
-    print(f"next: customdiff generate {shlex.quote(caption)} --concept {shlex.quote(str(path.parent))}{base}")
+    return f"next: customdiff generate {shlex.quote(caption)} --concept {shlex.quote(str(path.parent))}{base}"
 
 
 def evaluate(config: EvalConfig) -> None:
@@ -238,6 +243,16 @@ def export(config: ExportConfig) -> None:
         print(f"wrote {path}")
 
 
+def import_concept(config: ImportConfig) -> None:
+    from customdiff.export import run_import
+
+    path, imported = run_import(config)
+    named = zip(imported.tokens, imported.class_words, strict=True)
+    words = ", ".join(f"{token} {word}" for token, word in named)
+    print(f"wrote {path}: a {imported.mode} concept of {words}, {len(imported.deltas)} UNet deltas")
+    print(next_generate(imported.captions[0], path, config))
+
+
 def demo(config: DemoConfig) -> None:
     for path, what in run_demo(config):
         print(f"wrote {path}: {what}")
@@ -273,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "merge", MergeConfig, merge)
     _add_command(commands, "compress", CompressConfig, compress)
     _add_command(commands, "export", ExportConfig, export)
+    _add_command(commands, "import", ImportConfig, import_concept)
     _add_command(commands, "info", InfoConfig, info)
     _add_command(commands, "demo", DemoConfig, demo)
     return parser

@@ -214,7 +214,8 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
     for token, word, start in zip(concept.tokens, concept.class_words, concept.initializers, strict=True):
         caption = next((caption for caption in concept.captions if token in caption), None)
         example = f', e.g. "{caption}"' if caption else ""
-        lines.append(f"prompt {token} {word} (its row started from {start}){example}")
+        started = f" (its row started from {start})" if start else ""  # an imported row's start is unknown
+        lines.append(f"prompt {token} {word}{started}{example}")
     values = sum(delta.numel() for delta in concept.deltas.values())
     if not concept.deltas:
         lines.append("no UNet deltas: the token rows alone")
@@ -229,6 +230,8 @@ def describe(concept: Concept, model_hash: str, model_name: str) -> list[str]:
         lines.append(f"{len(concept.deltas)} UNet deltas of {values:,} values")
     if "merged_from" in concept.config:
         lines.append(f"merged from {len(concept.config['merged_from'])} concepts")
+    elif "imported_from" in concept.config:
+        lines.append(f"imported from {concept.config['imported_from']}")
     elif "steps" in concept.config:
         config = concept.config
         sources = [config.get("images"), config.get("concepts_list"), *config.get("concept", [])]

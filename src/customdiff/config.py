@@ -863,6 +863,39 @@ class ExportConfig:
                 )
 
 
+@dataclass(frozen=True)
+class ImportConfig:
+    """Read a concept trained by diffusers' Custom Diffusion example or the paper's scripts."""
+
+    source: Path = positional(
+        "the folder diffusers' train_custom_diffusion.py wrote (pytorch_custom_diffusion_weights and a "
+        "<token>.bin or .safetensors each), or the delta.bin of the paper's diffusers scripts"
+    )
+    instance_prompt: tuple[str, ...] = option(
+        (),
+        'the prompt each token was trained on, naming it before its class word, e.g. "photo of a <new1> cat" '
+        "(diffusers' --instance_prompt), in token order",
+    )
+    class_word: tuple[str, ...] = option(
+        (),
+        "each token's class word, in token order, instead of --instance-prompt (captions: photo of a "
+        "TOKEN CLASS)",
+    )
+    out: Path | None = option(
+        None, "folder for the concept.safetensors (default: SOURCE's folder/customdiff)", short="-o"
+    )
+    model: Path | None = option(None, "the base model it was trained from (default: the toy model)")
+    model_config: Path | None = option(None, MODEL_CONFIG_HELP)
+
+    def __post_init__(self) -> None:
+        if bool(self.instance_prompt) == bool(self.class_word):
+            raise CustomDiffError(
+                'give --instance-prompt "photo of a <new1> cat" or --class-word cat (one of them, one a '
+                "token)"
+            )
+        default_out(self, concept_folder(self.source) / "customdiff")
+
+
 def model_defaults(config_class: type, model: Path | str | None) -> dict[str, Any]:
     """The defaults a model folder (None: the toy model) sets in the ``[config_class.command]`` table of its
     ``MODEL_DEFAULTS_FILE``, checked like a ``--config`` file; {} when it has none. A key may hold a table

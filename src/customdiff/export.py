@@ -10,17 +10,25 @@ as ``diff`` / ``diff_b``), which diffusers' ``load_lora_weights`` also reads in 
 ``embeddings/TRIGGER.safetensors`` per token as ``emb_params``. A trigger word stands in for ``<new1>``,
 which is a poor prompt word there and no valid file name on Windows. An SDXL concept's embedding files hold
 ``clip_l`` and ``clip_g``, a row for each text encoder, in both formats.
+
+``customdiff import`` reads a concept back from the files diffusers' ``train_custom_diffusion.py`` writes
+(the ``diffusers`` layout) or from the paper's ``delta.bin``.
 """
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from customdiff import files, models
-from customdiff.concept import Concept, apply_concept, load_concept, save_tensors
-from customdiff.config import ExportConfig, save_config
+from customdiff import files, models, text
+from customdiff.concept import Concept, apply_concept, load_concept, reads_text, save_concept, save_tensors
+from customdiff.config import ExportConfig, ImportConfig, class_word_after, save_config
+from customdiff.data import CAPTION_TEMPLATE
 from customdiff.errors import CustomDiffError
 
 # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
@@ -166,3 +174,189 @@ def run_export(config: ExportConfig) -> list[Path]:
         written = write_diffusers(config.out, concept, unet, config.trigger)
     save_config(config, config.out)
     return written
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+DIFFUSERS_ATTN_FILES = (DIFFUSERS_ATTN_FILE, "pytorch_custom_diffusion_weights.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+FOREIGN_CHANGE = 0.5  # K/V fine-tuning moves its weights by a few percent: half their size is another base
+IMPORTABLE = (
+    "pass the folder diffusers' train_custom_diffusion.py wrote, or the delta.bin of the paper's scripts"
+)
+
+
+def read_weights(path: Path) -> dict:
+    """A weights file as a dict: safetensors whatever its name (diffusers' example writes safetensors
+    into ``<new1>.bin``), else a pickle read with ``weights_only``, which runs no code."""
+    try:
+        return load_file(path)
+    except SafetensorError:
+        pass
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CustomDiffError(
+            f"cannot read {path} as safetensors or as a weights-only pickle ({error}); pass the file as "
+            "diffusers' example or the paper's scripts wrote it"
+        ) from error
+    if not isinstance(state, dict):
+        raise CustomDiffError(
+            f"{path} holds a {type(state).__name__}, not named tensors; pass a weights file"
+        )
+    return state
+
+
+def _diffusers_folder(folder: Path) -> tuple[dict, dict, dict]:
+    """UNet weights, low-rank deltas (none) and token rows of a folder diffusers' example wrote."""
+    weights, rows = {}, {}
+    attn = next((folder / name for name in DIFFUSERS_ATTN_FILES if (folder / name).is_file()), None)
+    if attn is not None:
+        ours = {theirs: name for name, theirs in DIFFUSERS_NAMES.items()}
+        for key, value in read_weights(attn).items():
+            layer, _, name = key.partition(".processor.")
+            if not value.numel():
+                continue  # the empty processor of a layer that did not train
+            if name not in ours:
+                raise CustomDiffError(
+                    f"{attn} holds {key}, no Custom Diffusion weight; pass the file diffusers' example wrote"
+                )
+            weights[f"unet.{layer}.{ours[name]}"] = value
+    files_ = sorted(path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES and path != attn)
+    for path in files_:  # <new1>.bin: {"<new1>": row}; an SDXL one: {"clip_l": row, "clip_g": row}
+        state = read_weights(path)
+        if set(state) == {path.stem}:
+            rows[path.stem] = [state[path.stem]]
+        elif set(state) == set(SDXL_EMBEDDING_KEYS):
+            rows[path.stem] = [state[key] for key in SDXL_EMBEDDING_KEYS]
+    return weights, {}, rows
+
+
+def _paper_delta(path: Path) -> tuple[dict, dict, dict]:
+    """UNet weights, low-rank deltas and token rows of the paper's ``delta.bin`` (its diffusers scripts:
+    ``{"unet": {name: weight or {"u", "v"}}, "modifier_token": {token: row or [row, row_2]}}``)."""
+    state = read_weights(path)
+    if "text_encoder" in state:
+        raise CustomDiffError(
+            f"{path} holds a fine-tuned text encoder, which a customdiff concept does not; "
+            "import a run trained with --freeze_model crossattn_kv or crossattn"
+        )
+    if not isinstance(state.get("unet"), dict):
+        raise CustomDiffError(f"{path} is not a Custom Diffusion delta.bin (no 'unet' weights); {IMPORTABLE}")
+    weights, factors = {}, {}
+    for name, value in state["unet"].items():
+        if isinstance(value, dict):  # compressed: the delta is u @ v
+            factors[f"unet.{name}"] = (value["u"], value["v"])
+        else:
+            weights[f"unet.{name}"] = value
+    rows = {
+        token: list(row) if isinstance(row, list | tuple) else [row]
+        for token, row in state.get("modifier_token", {}).items()
+    }
+    return weights, factors, rows
+
+
+def import_concept(pipe, source: Path, config: ImportConfig) -> Concept:
+    """The concept ``source`` holds (``ImportConfig.source``), as deltas against ``pipe``'s UNet.
+
+    Raises:
+        CustomDiffError: ``source`` is not one of those layouts, holds no token, names too few class words,
+            or does not fit ``pipe`` (another architecture, or tokens already in its vocabulary).
+    """
+    source = Path(source)
+    if source.is_dir():
+        weights, factors, rows = _diffusers_folder(source)
+    elif source.is_file():
+        weights, factors, rows = _paper_delta(source)
+    else:
+        raise CustomDiffError(f"{source} does not exist; {IMPORTABLE}")
+    if not rows:
+        raise CustomDiffError(
+            f"{source} holds no token embedding (<new1>.bin or modifier_token); {IMPORTABLE}"
+        )
+    tokens = tuple(rows)
+    vocabulary = pipe.tokenizer.get_vocab()
+    taken = [token for token in tokens if token in vocabulary or models.is_one_token(pipe.tokenizer, token)]
+    if taken:
+        raise CustomDiffError(
+            f"{source}'s token {taken[0]} is a word of the model's vocabulary already; pass --model the "
+            "model it was trained from"
+        )
+    if config.instance_prompt:
+        captions = tuple(config.instance_prompt)
+        class_words = tuple(
+            class_word_after(prompt, token) for prompt, token in zip(captions, tokens, strict=False)
+        )
+    else:
+        class_words = config.class_word
+        captions = tuple(
+            CAPTION_TEMPLATE.format(token=t, class_word=w) for t, w in zip(tokens, class_words, strict=False)
+        )
+    if len(config.instance_prompt or config.class_word) != len(tokens) or None in class_words:
+        raise CustomDiffError(
+            f"{source} holds the tokens {' '.join(tokens)}: pass an --instance-prompt naming each before its "
+            'class word, in this order ("photo of a <new1> cat"), or a --class-word for each'
+        )
+    parameters = {f"unet.{name}": value for name, value in pipe.unet.named_parameters()}
+    own = {name: weight.float() for name, weight in weights.items()}
+    own |= {name: up.float() @ down.float() for name, (up, down) in factors.items()}
+    for name, value in own.items():
+        if name not in parameters or parameters[name].shape != value.shape:
+            found = tuple(parameters[name].shape) if name in parameters else "none"
+            raise CustomDiffError(
+                f"{source} holds {name} of shape {tuple(value.shape)}, the model's is {found}: pass --model "
+                "the model it was trained from"
+            )
+    deltas = {name: value - parameters[name].detach().float().cpu() for name, value in weights.items()}
+    deltas |= {name: value for name, value in own.items() if name in factors}
+    widths = text.embedding_widths(text.text_encoders(pipe))
+    token_rows = [[row.reshape(-1).float() for row in rows[token]] for token in tokens]
+    if any([row.numel() for row in token_row] != list(widths) for token_row in token_rows):
+        raise CustomDiffError(
+            f"{source}'s token rows are not as wide as the model's text embeddings ({widths}): pass --model "
+            "the model it was trained from"
+        )
+    if all(reads_text(name) for name in deltas):
+        mode = "crossattn_kv" if deltas else "token"
+    elif all(".attn2." in name for name in deltas):
+        mode = "crossattn"
+    else:
+        raise CustomDiffError(f"{source} trains UNet weights outside cross-attention; {IMPORTABLE}")
+    return Concept(
+        base_hash=models.model_hash(pipe),
+        mode=mode,
+        tokens=tokens,
+        class_words=class_words,
+        initializers=("",) * len(tokens),  # not kept by either layout
+        token_embeddings=torch.stack([torch.cat(token_row) for token_row in token_rows]),
+        deltas=deltas,
+        captions=captions,
+        config={"imported_from": str(source)},
+        factors={name: (up.float(), down.float()) for name, (up, down) in factors.items()},
+        embedding_widths=widths,
+    )
+
+
+def foreign_change(pipe, concept: Concept) -> float:
+    """The concept's UNet deltas' size against the weights they change (a share, 0 without deltas)."""
+    parameters = dict(pipe.unet.named_parameters())
+    change = sum(float(delta.norm() ** 2) for delta in concept.deltas.values())
+    size = sum(float(parameters[name.removeprefix("unet.")].detach().norm() ** 2) for name in concept.deltas)
+    return (change / size) ** 0.5 if size else 0.0
+
+
+def run_import(config: ImportConfig) -> tuple[Path, Concept]:
+    """The ``customdiff import`` command: the written concept file and the concept. Warns where its deltas
+    are too large for a fine-tune of ``config.model``, which then is likely not its base."""
+    pipe = models.load_pipeline(config.model, model_config=config.model_config)
+    imported = import_concept(pipe, config.source, config)
+    change = foreign_change(pipe, imported)
+    if change > FOREIGN_CHANGE:
+        warnings.warn(
+            f"{config.source}'s deltas are {change:.0%} of the weights they change, where fine-tuning moves "
+            "them a few percent: pass --model the model it was trained from",
+            stacklevel=2,
+        )
+    path = save_concept(config.out, imported)
+    save_config(config, config.out)
+    return path, imported
