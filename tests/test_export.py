@@ -215,6 +215,11 @@ def test_import_names_bad_input_in_one_line_and_writes_nothing(
     assert "cannot read" in refused(tmp_path / "example", "--class-word", "star", "star", *model)
     torch.save({"unet": {}, "text_encoder": {}}, tmp_path / "te.bin")
     assert "fine-tuned text encoder" in refused(tmp_path / "te.bin", "--class-word", "star", *model)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    torch.save(
+        {"unet": {key: 1}, "modifier_token": {"<new1>": original.token_embeddings[0]}}, tmp_path / "n.bin"
+    )
+    assert "not tensors" in refused(tmp_path / "n.bin", "--class-word", "star", *model)
     torch.save({"state_dict": {}}, tmp_path / "delta.ckpt")
     assert "not a Custom Diffusion delta.bin" in refused(
         tmp_path / "delta.ckpt", "--class-word", "star", *model

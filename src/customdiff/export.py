@@ -247,7 +247,7 @@ def _paper_delta(path: Path) -> tuple[dict, dict, dict]:
         raise CustomDiffError(f"{path} is not a Custom Diffusion delta.bin (no 'unet' weights); {IMPORTABLE}")
     weights, factors = {}, {}
     for name, value in state["unet"].items():
-        if isinstance(value, dict):  # compressed: the delta is u @ v
+        if isinstance(value, dict) and {"u", "v"} <= value.keys():  # compressed: the delta is u @ v
             factors[f"unet.{name}"] = (value["u"], value["v"])
         else:
             weights[f"unet.{name}"] = value
@@ -255,6 +255,9 @@ def _paper_delta(path: Path) -> tuple[dict, dict, dict]:
         token: list(row) if isinstance(row, list | tuple) else [row]
         for token, row in state.get("modifier_token", {}).items()
     }
+    held = [*weights.values(), *sum(factors.values(), ()), *sum(rows.values(), [])]
+    if not all(isinstance(tensor, torch.Tensor) for tensor in held):
+        raise CustomDiffError(f"{path} holds values that are not tensors where weights belong; {IMPORTABLE}")
     return weights, factors, rows
 
 
