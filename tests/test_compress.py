@@ -176,7 +176,7 @@ def test_refine_steps_train_the_cut_at_its_ranks_on_the_concepts_own_images(
     concept.save_concept(tmp_path / "token", token_only)
     moved = dataclasses.replace(refined, config={**refined.config, "images": str(tmp_path / "gone")})
     concept.save_concept(tmp_path / "moved", moved)
-    wrong = {"merged": "keeps no training run's settings (a merge?)", "token": "no delta", "moved": "is gone"}
+    wrong = {"merged": "settings (merged or imported)", "token": "no delta", "moved": "is gone"}
     for name, message in wrong.items():
         code, _, err = run_cli(
             "compress", tmp_path / name, "--rank", 2, "--refine-steps", 1, "-o", tmp_path / "y"

@@ -145,8 +145,9 @@ def refine_config(config: CompressConfig, concept: Concept, cut: Path) -> Finetu
     settings = concept.config
     if not any(settings.get(name) for name in ("images", "concept", "concepts_list")):
         raise CustomDiffError(
-            f"{config.concept} keeps no training run's settings (a merge?), so --refine-steps has no images "
-            "to train on; refine each concept before merging, or pass --refine-steps 0"
+            f"{config.concept} keeps no training run's settings (merged or imported), so --refine-steps "
+            "has no images to train on; refine a concept customdiff trained, before merging, or pass "
+            "--refine-steps 0"
         )
     run = config_from_settings(FinetuneConfig, settings, f"the run settings kept in {config.concept}")
     missing = [spec.images for spec in run.concept_specs() if not Path(spec.images).is_dir()]
