@@ -13,7 +13,7 @@ RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _unet_name(name: str, layers: int, up_attentions: list[bool]) -> str:
+def unet_name(name: str, layers: int, up_attentions: list[bool]) -> str:
     """One UNet key in LDM naming (SD 1.x/2.x: ``layers`` resnets a down level, one more an up level)."""
     fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
@@ -95,7 +95,7 @@ def ldm_state_dict(pipe, open_clip: bool = False) -> dict[str, torch.Tensor]:
     layers = unet.config.layers_per_block
     up_attentions = [hasattr(block, "attentions") for block in unet.up_blocks]
     out = {
-        f"model.diffusion_model.{_unet_name(key, layers, up_attentions)}": value
+        f"model.diffusion_model.{unet_name(key, layers, up_attentions)}": value
         for key, value in unet.state_dict().items()
     }
     levels = len(pipe.vae.config.block_out_channels)

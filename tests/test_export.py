@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from customdiff import compress, concept, export, models
 from customdiff.errors import CustomDiffError
+from ldm_layout import unet_name
 
 PROMPT = "a {} star on a gray background"
 
@@ -154,19 +155,17 @@ def test_import_reads_diffusers_examples_folder_and_the_papers_delta_bin_to_our_
     small = compress.compress_concept(original, rank=2)
     factored = {name[5:]: {"u": up, "v": down} for name, (up, down) in small.factors.items()}
     torch.save({"unet": factored, "modifier_token": row}, tmp_path / "compressed_delta.bin")
-    for file, wanted in (("delta.bin", original), ("compressed_delta.bin", small)):
-        code, _, err = run_cli(
-            "import",
-            tmp_path / file,
-            "--class-word",
-            "star",
-            "--model",
-            tiny_pipeline_dir,
-            "-o",
-            tmp_path / file[:-4],
-        )
+    # the CompVis scripts' delta.ckpt: LDM keys (as single-file checkpoints name them), the rows as "embed"
+    unet = models.load_pipeline(tiny_pipeline_dir).unet
+    layers, up = unet.config.layers_per_block, [hasattr(block, "attentions") for block in unet.up_blocks]
+    ldm = {f"model.diffusion_model.{unet_name(name, layers, up)}": value for name, value in whole.items()}
+    torch.save({"state_dict": {**ldm, "embed": original.token_embeddings}}, tmp_path / "delta.ckpt")
+    model = ("--model", tiny_pipeline_dir)
+    for file, wanted in (("delta.bin", original), ("compressed_delta.bin", small), ("delta.ckpt", original)):
+        out = tmp_path / f"out-{file}"
+        code, _, err = run_cli("import", tmp_path / file, "--class-word", "star", *model, "-o", out)
         assert code == 0 and not err, err
-        imported = concept.load_concept(tmp_path / file[:-4])
+        imported = concept.load_concept(out)
         assert imported.captions == ("photo of a <new1> star",)
         assert imported.factors.keys() == wanted.factors.keys()  # a compressed file stays compressed
         torch.testing.assert_close(
@@ -220,10 +219,10 @@ def test_import_names_bad_input_in_one_line_and_writes_nothing(
         {"unet": {key: 1}, "modifier_token": {"<new1>": original.token_embeddings[0]}}, tmp_path / "n.bin"
     )
     assert "not tensors" in refused(tmp_path / "n.bin", "--class-word", "star", *model)
-    torch.save({"state_dict": {}}, tmp_path / "delta.ckpt")
-    assert "not a Custom Diffusion delta.bin" in refused(
-        tmp_path / "delta.ckpt", "--class-word", "star", *model
-    )
+    torch.save({"weights": {}}, tmp_path / "other.ckpt")
+    assert "not a Custom Diffusion delta" in refused(tmp_path / "other.ckpt", "--class-word", "star", *model)
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}}, tmp_path / "d.ckpt")
+    assert "no UNet attention weight" in refused(tmp_path / "d.ckpt", "--class-word", "star", *model)
 
 
 def test_import_warns_when_the_deltas_are_too_large_for_a_fine_tune_of_the_model(

@@ -12,12 +12,13 @@ which is a poor prompt word there and no valid file name on Windows. An SDXL con
 ``clip_l`` and ``clip_g``, a row for each text encoder, in both formats.
 
 ``customdiff import`` reads a concept back from the files diffusers' ``train_custom_diffusion.py`` writes
-(the ``diffusers`` layout) or from the paper's ``delta.bin``.
+(the ``diffusers`` layout) or from the paper's ``delta.bin`` or ``delta.ckpt``.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -184,8 +185,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # these by about √2 of it (unrelated weights of the same size)
 FOREIGN_CHANGE = 1.0
 IMPORTABLE = (
-    "pass the folder diffusers' train_custom_diffusion.py wrote, or the delta.bin of the paper's scripts"
+    "pass the folder diffusers' train_custom_diffusion.py wrote, or the delta.bin or delta.ckpt of the "
+    "paper's scripts"
 )
+LDM_UNET = "model.diffusion_model."  # the UNet's keys in a CompVis (LDM) state dict
 
 
 def read_weights(path: Path) -> dict:
@@ -234,17 +237,50 @@ def _diffusers_folder(folder: Path) -> tuple[dict, dict, dict]:
     return weights, {}, rows
 
 
-def _paper_delta(path: Path) -> tuple[dict, dict, dict]:
+def diffusers_attention_name(ldm_key: str, layers: int) -> str:
+    """An attention weight's LDM (CompVis) UNet key in diffusers' naming, for SD 1.x/2.x's layout of
+    ``layers`` resnets a down level (one more an up level), e.g. ``model.diffusion_model.input_blocks.1.1.
+    transformer_blocks.0.attn2.to_k.weight`` → ``down_blocks.0.attentions.0.transformer_blocks.0.…``."""
+    key = ldm_key.removeprefix(LDM_UNET)
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", key):
+        block = int(m[1]) - 1  # input block 0 is conv_in
+        return f"down_blocks.{block // (layers + 1)}.attentions.{block % (layers + 1)}.{m[2]}"
+    if m := re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", key):
+        block = int(m[1])
+        return f"up_blocks.{block // (layers + 1)}.attentions.{block % (layers + 1)}.{m[2]}"
+    if m := re.fullmatch(r"middle_block\.1\.(.+)", key):
+        return f"mid_block.attentions.0.{m[1]}"
+    raise CustomDiffError(f"{ldm_key} is no UNet attention weight of SD 1.x/2.x's layout; {IMPORTABLE}")
+
+
+def _from_ldm(state: dict, layers: int) -> dict:
+    """The CompVis scripts' ``delta.ckpt`` state dict (LDM keys, the tokens' rows as ``embed``) as their
+    diffusers scripts' ``delta.bin`` holds it, the tokens named ``<new1>``, ``<new2>``, … as they do."""
+    if not isinstance(layers, int):
+        raise CustomDiffError(
+            "a delta.ckpt of the paper's CompVis scripts is SD 1.x's: pass --model an SD 1.x model"
+        )
+    embed = state.get("embed", torch.zeros(0, 0))
+    unet = {diffusers_attention_name(key, layers): value for key, value in state.items() if key != "embed"}
+    return {"unet": unet, "modifier_token": {f"<new{i + 1}>": row for i, row in enumerate(embed)}}
+
+
+def _paper_delta(path: Path, layers: int) -> tuple[dict, dict, dict]:
     """UNet weights, low-rank deltas and token rows of the paper's ``delta.bin`` (its diffusers scripts:
-    ``{"unet": {name: weight or {"u", "v"}}, "modifier_token": {token: row or [row, row_2]}}``)."""
+    ``{"unet": {name: weight or {"u", "v"}}, "modifier_token": {token: row or [row, row_2]}}``) or
+    ``delta.ckpt`` (its CompVis scripts, SD 1.x: ``{"state_dict": {LDM key: …, "embed": rows}}``)."""
     state = read_weights(path)
+    if isinstance(state.get("state_dict"), dict):
+        state = _from_ldm(state["state_dict"], layers)
     if "text_encoder" in state:
         raise CustomDiffError(
             f"{path} holds a fine-tuned text encoder, which a customdiff concept does not; "
             "import a run trained with --freeze_model crossattn_kv or crossattn"
         )
     if not isinstance(state.get("unet"), dict):
-        raise CustomDiffError(f"{path} is not a Custom Diffusion delta.bin (no 'unet' weights); {IMPORTABLE}")
+        raise CustomDiffError(
+            f"{path} is not a Custom Diffusion delta (no 'unet' or 'state_dict'); {IMPORTABLE}"
+        )
     weights, factors = {}, {}
     for name, value in state["unet"].items():
         if isinstance(value, dict) and {"u", "v"} <= value.keys():  # compressed: the delta is u @ v
@@ -272,7 +308,7 @@ def import_concept(pipe, source: Path, config: ImportConfig) -> Concept:
     if source.is_dir():
         weights, factors, rows = _diffusers_folder(source)
     elif source.is_file():
-        weights, factors, rows = _paper_delta(source)
+        weights, factors, rows = _paper_delta(source, pipe.unet.config.layers_per_block)
     else:
         raise CustomDiffError(f"{source} does not exist; {IMPORTABLE}")
     if not rows:
