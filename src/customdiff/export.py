@@ -212,6 +212,11 @@ def read_weights(path: Path) -> dict:
     return state
 
 
+def _in_number_order(path: Path) -> list:
+    """A sort key that puts ``<new2>`` before ``<new10>``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
+
+
 def _diffusers_folder(folder: Path) -> tuple[dict, dict, dict]:
     """UNet weights, low-rank deltas (none) and token rows of a folder diffusers' example wrote."""
     weights, rows = {}, {}
@@ -227,8 +232,8 @@ def _diffusers_folder(folder: Path) -> tuple[dict, dict, dict]:
                     f"{attn} holds {key}, no Custom Diffusion weight; pass the file diffusers' example wrote"
                 )
             weights[f"unet.{layer}.{ours[name]}"] = value
-    files_ = sorted(path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES and path != attn)
-    for path in files_:  # <new1>.bin: {"<new1>": row}; an SDXL one: {"clip_l": row, "clip_g": row}
+    weight_files = [path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES and path != attn]
+    for path in sorted(weight_files, key=_in_number_order):  # {"<new1>": row}, or SDXL's clip_l, clip_g
         state = read_weights(path)
         if set(state) == {path.stem}:
             rows[path.stem] = [state[path.stem]]
