@@ -21,7 +21,7 @@ from customdiff.config import CompressConfig, FinetuneConfig
 
 SETTINGS = (("full", {}), ("energy 0.9", {"energy": 0.9}), ("energy 0.6", {"energy": 0.6}))
 SETTINGS += (("energy 0.6, plain SVD", {"energy": 0.6, "plain": True}),)  # the paper's cut, same ranks
-SETTINGS += (("energy 0.6, refined", {"energy": 0.6, "refine": True}),)  # compress --refine-steps
+SETTINGS += (("energy 0.6, refined", {"refine": "energy 0.6"}),)  # that cut, compress --refine-steps
 SETTINGS += tuple((f"rank {r}", {"rank": r}) for r in (8, 4, 2, 1))
 COLUMNS = ("file_mb", "text_alignment", "image_alignment", "judge_new_context_concept_present")
 
@@ -49,19 +49,23 @@ def main() -> None:
         targets = {"<new1>": [image for _, image, _ in files.read_image_folder(images)]}
         prompts = evaluate.toy_prompts(("<new1>",), (built_in.shape,))
         weighting = compress.fit_weighting(pipe, full)
+        saved = {}
         for name, setting in SETTINGS:
-            cut = {key: value for key, value in setting.items() if key not in ("plain", "refine")}
-            fitted_to = None if setting.get("plain") else weighting
-            kept = compress.compress_concept(full, **cut, weighting=fitted_to) if cut else full
-            path = concept.save_concept(work / name.replace(" ", "-"), kept)
-            if setting.get("refine"):  # as customdiff compress --refine-steps trains it
+            if "refine" in setting:  # the cut of that row trained as customdiff compress --refine-steps does
                 refine = CompressConfig(
                     full_path, work / "refined", energy=0.6, refine_steps=args.refine_steps
                 )
+                cut_folder = saved[setting["refine"]].parent
                 path = finetune.train(
-                    compress.refine_config(refine, full, path.parent), models.load_pipeline()
+                    compress.refine_config(refine, full, cut_folder), models.load_pipeline()
                 )
                 kept = concept.load_concept(path)
+            else:
+                cut = {key: value for key, value in setting.items() if key != "plain"}
+                fitted_to = None if setting.get("plain") else weighting
+                kept = compress.compress_concept(full, **cut, weighting=fitted_to) if cut else full
+                path = concept.save_concept(work / name.replace(" ", "-"), kept)
+            saved[name] = path
             metrics = evaluate.evaluate(
                 pipe, kept, targets, clip, prompts, args.n, args.sampling_steps, seed=args.seed
             )
