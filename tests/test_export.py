@@ -256,3 +256,21 @@ def test_import_reads_back_our_own_diffusers_export_of_an_sdxl_concept(
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_ldm_attention_keys_of_sd15s_layout_map_to_diffusers_names():
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # SD 1.5's UNet shape, no weights
+        unet = UNet2DConditionModel(cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280))
+    layers, up = unet.config.layers_per_block, [hasattr(block, "attentions") for block in unet.up_blocks]
+    names = [name for name, _ in unet.named_parameters() if ".attn2." in name]
+    assert len([name for name in names if name.endswith(("to_k.weight", "to_v.weight"))]) == 32
+    for name in names:
+        assert (
+            export.diffusers_attention_name(f"model.diffusion_model.{unet_name(name, layers, up)}", layers)
+            == name
+        )
+    # the paper's converter's rule for two of them
+    assert export.diffusers_attention_name("input_blocks.8.1.x", layers) == "down_blocks.2.attentions.1.x"
+    assert export.diffusers_attention_name("output_blocks.11.1.x", layers) == "up_blocks.3.attentions.2.x"
