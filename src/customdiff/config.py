@@ -869,7 +869,7 @@ class ImportConfig:
 
     source: Path = positional(
         "the folder diffusers' train_custom_diffusion.py wrote (pytorch_custom_diffusion_weights and a "
-        "<token>.bin or .safetensors each), or the delta.bin of the paper's diffusers scripts"
+        "<token>.bin or .safetensors each), or the delta.bin or delta.ckpt of the paper's scripts"
     )
     instance_prompt: tuple[str, ...] = option(
         (),
