@@ -353,8 +353,10 @@ def import_concept(pipe, source: Path, config: ImportConfig) -> Concept:
                 f"{source} holds {name} of shape {tuple(value.shape)}, the model's is {found}: pass --model "
                 "the model it was trained from"
             )
-    deltas = {name: value - parameters[name].detach().float().cpu() for name, value in weights.items()}
-    deltas |= {name: value for name, value in own.items() if name in factors}
+    deltas = {  # whole weights less the base; factors are deltas already
+        name: value if name in factors else value - parameters[name].detach().float().cpu()
+        for name, value in own.items()
+    }
     widths = text.embedding_widths(text.text_encoders(pipe))
     token_rows = [[row.reshape(-1).float() for row in rows[token]] for token in tokens]
     if any([row.numel() for row in token_row] != list(widths) for token_row in token_rows):
