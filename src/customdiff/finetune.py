@@ -681,6 +681,47 @@ def make_optimizer(parameters: dict, config: FinetuneConfig) -> torch.optim.Adam
     return torch.optim.AdamW([group for group in groups if group["params"]])
 
 
+def train_apart_first(config: FinetuneConfig, pipe) -> tuple[FinetuneConfig, dict | None]:
+    """With ``--joint-start merge``, train each concept alone first (``apart_configs``; one that ended is
+    not trained again). Returns the config of the run to go on with (the joint one from their merge, for
+    half the steps) and its checkpoint, read before any run alone so that one that cannot resume fails at
+    once."""
+    apart = apart_configs(config) if config.trains_apart_first else []
+    if apart:
+        config = dataclasses.replace(
+            config, init_from=tuple(one.out for one in apart), steps=max(1, config.steps // 2)
+        )
+    resumed = read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)
+    if apart and pipe is not None:
+        pipe.to("cpu")  # the device holds one copy at a time, the one training
+    for one in apart:  # a run alone that ended (its checkpoint stays) is read back, not prepared again
+        ended = read_checkpoint(one.out / CHECKPOINT_FILE, one)
+        if ended is None or ended["step"] < one.steps or not (one.out / concept.CONCEPT_FILE).is_file():
+            train(one, copy.deepcopy(pipe) if pipe is not None else None)
+    return config, resumed
+
+
+def trained_concept(
+    unfilled: concept.Concept,
+    parameters: dict,
+    base: dict,
+    embeddings: list[NewTokenEmbedding],
+    ranks: dict[str, int],
+    steps_done: int,
+) -> concept.Concept:
+    """The concept as the trained tensors stand after ``steps_done`` steps (before any refit): the deltas
+    against ``base``, those of ``--keep-ranks`` as their factors, and the token rows of each encoder."""
+    deltas = {name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()}
+    factors = {name: compress.low_rank(deltas[name], rank) for name, rank in ranks.items()}
+    return dataclasses.replace(
+        unfilled,
+        token_embeddings=torch.cat([getattr(e, NEW_ROWS).detach().float().cpu() for e in embeddings], 1),
+        deltas={**deltas, **{name: up @ down for name, (up, down) in factors.items()}},
+        factors=factors,
+        config={**unfilled.config, "steps": steps_done},
+    )
+
+
 def train(
     config: FinetuneConfig,
     pipe: StableDiffusionPipeline | None = None,
@@ -701,25 +742,14 @@ def train(
     Returns:
         the path of the written ``concept.safetensors``.
     """
-    apart = apart_configs(config) if config.trains_apart_first else []
-    if apart:
-        config = dataclasses.replace(
-            config, init_from=tuple(one.out for one in apart), steps=max(1, config.steps // 2)
-        )
-    resumed = read_checkpoint(Path(config.out) / CHECKPOINT_FILE, config)  # before any run alone
-    if apart and pipe is not None:
-        pipe.to("cpu")  # the device holds one copy at a time, the one training
-    for one in apart:  # a run alone that ended (its checkpoint stays) is read back, not prepared again
-        ended = read_checkpoint(one.out / CHECKPOINT_FILE, one)
-        if ended is None or ended["step"] < one.steps or not (one.out / concept.CONCEPT_FILE).is_file():
-            train(one, copy.deepcopy(pipe) if pipe is not None else None)
+    config, resumed = train_apart_first(config, pipe)
     out = files.prepare_output_dir(config.out)
     pipe = pipe or models.load_pipeline(config.model, model_config=config.model_config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     config = dataclasses.replace(config, num_processes=accelerator.num_processes)  # as run, however launched
     set_seed(config.seed)
     pipe.to(accelerator.device)
-    base_hash = models.model_hash(pipe)
+    base_hash = models.model_hash(pipe)  # before the new tokens change the text encoder
     specs = config.concept_specs()
     tokens = [spec.token for spec in specs]
     check_prompts(pipe.tokenizer, config)
@@ -735,6 +765,18 @@ def train(
     ]
     for encoder in encoders:
         add_modifier_tokens(encoder.tokenizer, encoder.model, tokens, initializers)
+    unfilled = concept.Concept(  # the trained tensors are filled in as a run of some steps ends
+        base_hash=base_hash,
+        mode=config.mode,
+        tokens=tuple(tokens),
+        class_words=tuple(spec.class_word for spec in specs),
+        initializers=tuple(initializers),
+        token_embeddings=torch.zeros(0),
+        deltas={},
+        captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
+        config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        embedding_widths=text.embedding_widths(encoders),
+    )
     for module in [pipe.vae, unet, *encoder_models]:
         module.requires_grad_(False)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -770,27 +812,7 @@ def train(
             dynamic_ncols=True,
             disable=None if accelerator.is_main_process else True,
         )
-
-        def trained(steps_done: int) -> concept.Concept:
-            """The concept as its tensors stand after ``steps_done`` steps (before any refit)."""
-            settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-            deltas = {name: (parameters[name].detach() - value).float().cpu() for name, value in base.items()}
-            factors = {name: compress.low_rank(deltas[name], rank) for name, rank in ranks.items()}
-            return concept.Concept(
-                base_hash=base_hash,
-                mode=config.mode,
-                tokens=tuple(tokens),
-                class_words=tuple(spec.class_word for spec in specs),
-                initializers=tuple(initializers),
-                token_embeddings=torch.cat(
-                    [getattr(e, NEW_ROWS).detach().float().cpu() for e in embeddings], 1
-                ),
-                embedding_widths=text.embedding_widths(encoders),
-                deltas={**deltas, **{name: up @ down for name, (up, down) in factors.items()}},
-                factors=factors,
-                captions=tuple(dict.fromkeys(caption for group in captions for caption in group)),
-                config={**settings, "steps": steps_done},
-            )
+        trained = partial(trained_concept, unfilled, parameters, base, embeddings, ranks)
 
         @lru_cache(maxsize=1)
         def refit_at(steps_done: int) -> tuple[concept.Concept, dict]:
