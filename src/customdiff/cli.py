@@ -244,7 +244,7 @@ def export(config: ExportConfig) -> None:
 
 
 def import_concept(config: ImportConfig) -> None:
-    from customdiff.export import run_import
+    from customdiff.importing import run_import
 
     path, imported = run_import(config)
     named = zip(imported.tokens, imported.class_words, strict=True)

@@ -865,11 +865,14 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class ImportConfig:
-    """Read a concept trained by diffusers' Custom Diffusion example or the paper's scripts."""
+    """Read a concept trained by diffusers' Custom Diffusion example or the paper's scripts, or exported
+    for AUTOMATIC1111 / ComfyUI."""
 
     source: Path = positional(
         "the folder diffusers' train_custom_diffusion.py wrote (pytorch_custom_diffusion_weights and a "
-        "<token>.bin or .safetensors each), or the delta.bin or delta.ckpt of the paper's scripts"
+        "<token>.bin or .safetensors each), the delta.bin or delta.ckpt of the paper's scripts, or a folder "
+        "of lora/ (one kohya LoRA of the UNet's cross-attention) and embeddings/ (TRIGGER.safetensors or "
+        ".pt each, the token <TRIGGER>), as export --format webui writes"
     )
     instance_prompt: tuple[str, ...] = option(
         (),
