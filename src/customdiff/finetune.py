@@ -81,9 +81,8 @@ def add_modifier_tokens(tokenizer, text_encoder, tokens: list[str], initializers
     Raises:
         CustomDiffError: a token is already in the vocabulary, or an initializer is not exactly one token.
     """
-    vocabulary = tokenizer.get_vocab()
     for token in tokens:
-        if token in vocabulary or models.is_one_token(tokenizer, token) or tokens.count(token) > 1:
+        if models.is_known_token(tokenizer, token) or tokens.count(token) > 1:
             raise CustomDiffError(
                 f"the token {token} is already in the tokenizer's vocabulary; pass another --token"
             )

@@ -247,8 +247,7 @@ def import_concept(pipe, source: Path, config: ImportConfig) -> Concept:
             f"{source} holds no token embedding (<new1>.bin, modifier_token or embeddings/); {IMPORTABLE}"
         )
     tokens = tuple(rows)
-    vocabulary = pipe.tokenizer.get_vocab()
-    taken = [token for token in tokens if token in vocabulary or models.is_one_token(pipe.tokenizer, token)]
+    taken = [token for token in tokens if models.is_known_token(pipe.tokenizer, token)]
     if taken:
         raise CustomDiffError(
             f"{source}'s token {taken[0]} is a word of the model's vocabulary already; pass --model the "

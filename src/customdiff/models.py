@@ -394,6 +394,11 @@ def is_one_token(tokenizer, word: str) -> bool:
     return len(tokenizer(word, add_special_tokens=False).input_ids) == 1
 
 
+def is_known_token(tokenizer, token: str) -> bool:
+    """Whether ``token`` is a word of ``tokenizer``'s vocabulary already, so that a concept cannot add it."""
+    return token in tokenizer.get_vocab() or is_one_token(tokenizer, token)
+
+
 def default_initializer(tokenizer, token: str) -> str:
     """The word that starts ``token``'s embedding when none is given: for ``<newN>`` the N-th of
     INITIALIZER_CANDIDATES that is one token for ``tokenizer`` (SD: <new1> ktn, <new2> pll; toy: ktn, sks).
