@@ -122,7 +122,8 @@ def generate(config: GenerateConfig) -> None:
     )  # fmt: skip
     sampling.write_samples(config.out, prompts, images, config.n)
     save_config(config, config.out)
-    print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {config.out}")
+    count = f"{len(images)} image" + ("s" if len(images) != 1 else "")
+    print(f"wrote {count}, grid.png and metadata.jsonl to {config.out}")
 
 
 def _concept_to_apply(pipe, config: GenerateConfig):
