@@ -190,8 +190,24 @@ def test_import_reads_a_webui_folder_back_to_the_exported_concept(
     a1111 = {"string_to_token": {"*": 265}, "string_to_param": {"*": row}, "name": "mystar", "step": 500}
     torch.save(a1111, embedding.with_suffix(".pt"))
     embedding.unlink()
+    # the LDM naming of kohya's SDXL LoRAs (lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k)
+    export.write_webui(tmp_path / "ldm", original)
+    unet = models.load_pipeline(tiny_pipeline_dir).unet
+    layers, up = unet.config.layers_per_block, [hasattr(block, "attentions") for block in unet.up_blocks]
+    modules = [name.removeprefix("unet.").removesuffix(".weight") for name in original.deltas]
+    in_ldm = {"lora_unet_" + m.replace(".", "_"): "lora_unet_" + unet_name(m, layers, up).replace(".", "_")
+              for m in modules}  # fmt: skip
+    lora = tmp_path / "ldm" / "lora" / "new1.safetensors"
+    state = {}
+    for key, value in load_file(lora).items():
+        module, part = key.split(".", 1)
+        state[f"{in_ldm[module]}.{part}"] = value
+    assert {key.split("_")[2] for key in state} == {"input", "middle", "output"}
+    save_file(state, lora)
     model = ("--model", tiny_pipeline_dir)
-    for folder, token, wanted in (("exact", "<new1>", original), ("small", "<mystar>", doubled)):
+    for folder, token, wanted in (
+        ("exact", "<new1>", original), ("small", "<mystar>", doubled), ("ldm", "<new1>", original)
+    ):  # fmt: skip
         code, _, err = run_cli("import", tmp_path / folder, "--class-word", "star", *model)
         assert code == 0 and not err, err
         imported = concept.load_concept(tmp_path / folder / "customdiff")

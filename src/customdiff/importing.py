@@ -90,13 +90,28 @@ def _diffusers_folder(folder: Path) -> tuple[dict, dict, dict]:
 KOHYA_PARTS = {"diff", "diff_b", "lora_up.weight", "lora_down.weight", "alpha"}
 
 
+LDM_KOHYA_MODULE = re.compile(r"lora_unet_((?:input|output)_blocks_\d+|middle_block)_1_(.+)")
+
+
+def in_diffusers_naming(module: str, layers: int) -> str:
+    """A kohya module name of the LDM / SGM naming (``lora_unet_input_blocks_4_1_…``, as kohya's SDXL LoRAs
+    name them) in diffusers' naming (``lora_unet_down_blocks_1_attentions_0_…``); any other as it is."""
+    m = LDM_KOHYA_MODULE.fullmatch(module)
+    if m is None or not isinstance(layers, int):
+        return module
+    block = m[1].replace("_blocks_", "_blocks.")  # input_blocks.4, middle_block
+    name = diffusers_attention_name(f"{block}.1.{m[2]}", layers)  # down_blocks.1.attentions.0.{rest}
+    return "lora_unet_" + name.replace(".", "_")
+
+
 def _lora_changes(path: Path, unet) -> dict:
-    """The UNet deltas of a kohya LoRA file: exact ones (``diff``, ``diff_b``) as tensors, low-rank ones as
-    (up × alpha / rank, down)."""
+    """The UNet deltas of a kohya LoRA file, in either naming: exact ones (``diff``, ``diff_b``) as tensors,
+    low-rank ones as (up × alpha / rank, down)."""
     modules = {kohya_name(f"unet.{name}"): name.rsplit(".", 1)[0] for name, _ in unet.named_parameters()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in read_weights(path).items():
         module, _, part = key.partition(".")
+        module = in_diffusers_naming(module, unet.config.layers_per_block)
         if module.startswith("lora_te"):
             raise CustomDiffError(
                 f"{path} trains the text encoder ({key}), which a customdiff concept does not; {IMPORTABLE}"
