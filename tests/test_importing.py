@@ -242,6 +242,9 @@ def test_import_of_a_webui_folder_names_bad_input_in_one_line_and_writes_nothing
     k = export.kohya_name(next(iter(original.deltas)))
     te = "lora_te_text_model_encoder_layers_0_self_attn_k_proj__lora_up__weight"
     assert "trains the text encoder" in refused(with_lora_keys(tmp_path / "a", **{te: torch.zeros(1, 1)}))
+    assert "only one of lora_up and lora_down" in refused(
+        with_lora_keys(tmp_path / "u", **{f"{k}__lora_up__weight": torch.zeros(4, 1)})
+    )
     lycoris = with_lora_keys(tmp_path / "b", **{f"{k}__hada_w1_a": torch.zeros(1, 1)})
     assert "no LoRA or diff weight" in refused(lycoris)
     elsewhere = with_lora_keys(tmp_path / "c", lora_unet_nowhere__diff=torch.zeros(1, 1))
@@ -257,7 +260,9 @@ def test_import_of_a_webui_folder_names_bad_input_in_one_line_and_writes_nothing
     assert "several vectors" in refused(folder)
     save_file({"vec": torch.zeros(1, 32)}, folder / "embeddings" / "new1.safetensors")
     assert "no embedding file" in refused(folder)
-    (folder / "embeddings" / "new1.safetensors").unlink()
+    (folder / "embeddings" / "new1.safetensors").rename(folder / "embeddings" / "new 1.safetensors")
+    assert "is not a modifier token" in refused(folder)
+    (folder / "embeddings" / "new 1.safetensors").unlink()
     assert "holds no token embedding" in refused(folder)
     export.write_webui(folder, original, ("other",))
     assert "holds 2 LoRA files" in refused(folder, "--class-word", "star", "star")

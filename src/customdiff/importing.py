@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from customdiff import models, text
 from customdiff.concept import Concept, reads_text, save_concept
-from customdiff.config import ImportConfig, class_word_after, save_config
+from customdiff.config import ImportConfig, check_token, class_word_after, save_config
 from customdiff.data import CAPTION_TEMPLATE
 from customdiff.errors import CustomDiffError
 from customdiff.export import DIFFUSERS_ATTN_FILE, DIFFUSERS_NAMES, SDXL_EMBEDDING_KEYS, kohya_name
@@ -88,8 +88,6 @@ def _diffusers_folder(folder: Path) -> tuple[dict, dict, dict]:
 
 
 KOHYA_PARTS = {"diff", "diff_b", "lora_up.weight", "lora_down.weight", "alpha"}
-
-
 LDM_KOHYA_MODULE = re.compile(r"lora_unet_((?:input|output)_blocks_\d+|middle_block)_1_(.+)")
 
 
@@ -128,7 +126,11 @@ def _lora_changes(path: Path, unet) -> dict:
             changes[f"unet.{module}.weight"] = held["diff"]
         if "diff_b" in held:
             changes[f"unet.{module}.bias"] = held["diff_b"]
-        if "lora_up.weight" in held and "lora_down.weight" in held:
+        if ("lora_up.weight" in held) != ("lora_down.weight" in held):
+            raise CustomDiffError(
+                f"{path} holds only one of lora_up and lora_down for {module}; pass the whole LoRA file"
+            )
+        if "lora_up.weight" in held:
             up, down = held["lora_up.weight"].float(), held["lora_down.weight"].float()
             scale = float(held.get("alpha", down.shape[0])) / down.shape[0]  # the tools' alpha / rank
             changes[f"unet.{module}.weight"] = (up * scale, down)
@@ -177,7 +179,10 @@ def _webui_folder(folder: Path, pipe) -> tuple[dict, dict, dict]:
         changes = _lora_changes(lora, pipe.unet)
     embeddings = folder / "embeddings"
     paths = [path for path in embeddings.glob("*") if path.suffix in (".safetensors", ".pt", ".bin")]
-    rows = {f"<{path.stem}>": _embedding_rows(path) for path in sorted(paths, key=_in_number_order)}
+    rows = {}
+    for path in sorted(paths, key=_in_number_order):
+        check_token(f"<{path.stem}>", f"{path}'s trigger word (its name), as a token")
+        rows[f"<{path.stem}>"] = _embedding_rows(path)
     return {}, changes, rows
 
 
