@@ -2,6 +2,7 @@
 original's outputs; LDM key names; bad input."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -145,6 +146,15 @@ def test_import_warns_when_the_deltas_are_too_large_for_a_fine_tune_of_the_model
     assert code == 0
     code, out, _ = run_cli("info", example / "customdiff", "--model", tiny_pipeline_dir)
     assert code == 0 and f"imported from {example}" in out
+    # our own webui export names its base: large deltas (a closed-form refit's) are no sign of another one
+    export.write_webui(tmp_path / "webui", foreign)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(
+            "import", tmp_path / "webui", "--class-word", "star", "--model", tiny_pipeline_dir
+        )
+    assert code == 0 and not err, err
+    assert not [warning for warning in caught if "deltas are" in str(warning.message)]
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "webui"])

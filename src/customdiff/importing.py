@@ -159,24 +159,34 @@ def _embedding_rows(path: Path) -> list[torch.Tensor]:
     return rows
 
 
+def _webui_loras(folder: Path) -> list[Path]:
+    return sorted((folder / "lora").glob("*.safetensors")) if (folder / "lora").is_dir() else []
+
+
+def exported_from(folder: Path) -> str | None:
+    """The base model hash customdiff's export wrote into a webui folder's LoRA (None: none, or another
+    tool's LoRA)."""
+    for lora in _webui_loras(Path(folder)):
+        with safe_open(lora, "pt") as opened:
+            return (opened.metadata() or {}).get("customdiff_base_model_hash")
+    return None
+
+
 def _webui_folder(folder: Path, pipe) -> tuple[dict, dict, dict]:
     """UNet weights (none), deltas and token rows of a folder holding ``lora/`` (one kohya LoRA) and
     ``embeddings/`` (one file per trigger word, the token ``<trigger>``), as ``write_webui`` writes them."""
-    loras = sorted((folder / "lora").glob("*.safetensors")) if (folder / "lora").is_dir() else []
+    loras = _webui_loras(folder)
     if len(loras) > 1:
         raise CustomDiffError(
             f"{folder / 'lora'} holds {len(loras)} LoRA files; keep there only the one of this concept"
         )
-    changes = {}
-    for lora in loras:
-        with safe_open(lora, "pt") as opened:
-            exported_from = (opened.metadata() or {}).get("customdiff_base_model_hash")
-        if exported_from and exported_from != models.model_hash(pipe):
-            raise CustomDiffError(
-                f"{lora} was exported from base model {exported_from}, not from this one "
-                f"({models.model_hash(pipe)}): pass --model the model it was trained from"
-            )
-        changes = _lora_changes(lora, pipe.unet)
+    base = exported_from(folder)
+    if base and base != models.model_hash(pipe):
+        raise CustomDiffError(
+            f"{loras[0]} was exported from base model {base}, not from this one ({models.model_hash(pipe)}): "
+            "pass --model the model it was trained from"
+        )
+    changes = _lora_changes(loras[0], pipe.unet) if loras else {}
     embeddings = folder / "embeddings"
     paths = [path for path in embeddings.glob("*") if path.suffix in (".safetensors", ".pt", ".bin")]
     rows = {}
@@ -342,11 +352,12 @@ def foreign_change(pipe, concept: Concept) -> float:
 
 def run_import(config: ImportConfig) -> tuple[Path, Concept]:
     """The ``customdiff import`` command: the written concept file and the concept. Warns where its deltas
-    are larger than fine-tuning makes them: ``config.model`` is then likely not its base."""
+    are larger than fine-tuning makes them: ``config.model`` is then likely not its base (unless customdiff's
+    export named this base: a closed-form refit can move the K/V further)."""
     pipe = models.load_pipeline(config.model, model_config=config.model_config)
     imported = import_concept(pipe, config.source, config)
     change = foreign_change(pipe, imported)
-    if change > FOREIGN_CHANGE:
+    if change > FOREIGN_CHANGE and exported_from(config.source) != imported.base_hash:
         warnings.warn(
             f"{config.source}'s deltas are {change:.0%} of the weights they change, larger than fine-tuning "
             "makes them: pass --model the model it was trained from",
